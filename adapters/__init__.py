@@ -1,0 +1,33 @@
+"""The math of an EGGROLL population member, in pure torch (no vLLM import)."""
+
+from .lora import lora_from_factors, member_delta, member_lora, member_state_dict, peft_config, write_peft_adapter
+from .noise import NoiseKey, noise_epoch, pair_factors, stacked_factors
+from .population import Population
+from .shaping import SHAPINGS, shape_fitness
+from .targets import DEFAULT_MODULES, Target, find_targets
+from .update import SCALINGS, apply_update, draw_coefficients, lowrank_sum, matrix_updates, update_factor
+
+__all__ = [
+    "DEFAULT_MODULES",
+    "SCALINGS",
+    "SHAPINGS",
+    "NoiseKey",
+    "Population",
+    "Target",
+    "apply_update",
+    "draw_coefficients",
+    "find_targets",
+    "lora_from_factors",
+    "lowrank_sum",
+    "matrix_updates",
+    "member_delta",
+    "member_lora",
+    "member_state_dict",
+    "noise_epoch",
+    "pair_factors",
+    "peft_config",
+    "shape_fitness",
+    "stacked_factors",
+    "update_factor",
+    "write_peft_adapter",
+]

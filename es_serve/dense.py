@@ -1,0 +1,122 @@
+"""The dense reference engine: member i runs as a plain transformers model with W + E_i written in.
+
+Slow by design and independent of every LoRA code path (it materialises E_i = lora_B @ lora_A in
+float64 and adds it to the weights), so it is the yardstick every fast engine is tested against.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from adapters import DEFAULT_MODULES, apply_update, find_targets, member_delta
+
+from .types import Completion, Generation, PopulationResult, Sampling
+
+
+class DenseEngine:
+    def __init__(
+        self,
+        model_dir: str | Path,
+        dtype: torch.dtype = torch.float64,
+        modules: Sequence[str] = DEFAULT_MODULES,
+        device: str = "cpu",
+    ):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model_dir = Path(model_dir)
+        if not (model_dir / "config.json").is_file():
+            raise FileNotFoundError(f"{model_dir} is not a Hugging Face model directory (no config.json)")
+        self.model_dir = model_dir
+        self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), torch_dtype=dtype).to(device)
+        self.model.eval()
+        self.dtype, self.device = dtype, device
+        self.params = dict(self.model.named_parameters())
+        self.targets = find_targets(self.params, modules)
+        # float32 masters, as in the vLLM engine, so both engines round the same way.
+        self.master = {t.param: self.params[t.param].detach().to("cpu", torch.float32).clone() for t in self.targets}
+        self._sync()
+
+    def _sync(self) -> None:
+        with torch.no_grad():
+            for t in self.targets:
+                self.params[t.param].copy_(self.master[t.param].to(self.device, self.dtype))
+
+    @contextmanager
+    def perturbed(self, gen: Generation | None, member: int | None):
+        """Weights W + E_member while inside; exactly W again afterwards."""
+        if gen is None:
+            yield
+            return
+        try:
+            with torch.no_grad():
+                for t in self.targets:
+                    w = self.master[t.param].to(torch.float64)
+                    w = w + member_delta(gen.population, member, t, gen.seed, gen.epoch)
+                    self.params[t.param].copy_(w.to(self.device, self.dtype))
+            yield
+        finally:
+            self._sync()
+
+    def encode(self, prompt: str) -> list[int]:
+        return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
+    @torch.no_grad()
+    def logits(self, token_ids: Sequence[int], gen: Generation | None = None, member: int | None = None):
+        ids = torch.tensor([list(token_ids)], device=self.device)
+        with self.perturbed(gen, member):
+            return self.model(ids).logits[0].to(torch.float64).cpu()
+
+    @torch.no_grad()
+    def _generate_one(self, ids: list[int], sampling: Sampling, request_seed: int) -> Completion:
+        input_ids = torch.tensor([ids], device=self.device)
+        kwargs = dict(
+            max_new_tokens=sampling.max_tokens,
+            eos_token_id=self.tokenizer.eos_token_id,
+            pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
+            attention_mask=torch.ones_like(input_ids),
+        )
+        if sampling.temperature == 0:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        else:
+            kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(request_seed)
+            out = self.model.generate(input_ids, **kwargs)[0, len(ids) :].tolist()
+        return Completion(self.tokenizer.decode(out, skip_special_tokens=True), out)
+
+    def generate(
+        self,
+        prompts: Sequence[str],
+        sampling: Sampling,
+        gen: Generation | None = None,
+        member: int | None = None,
+    ) -> list[Completion]:
+        with self.perturbed(gen, member):
+            return [
+                self._generate_one(self.encode(p), sampling, sampling.request_seed(member or 0, j))
+                for j, p in enumerate(prompts)
+            ]
+
+    def generate_population(self, gen: Generation, prompts: Sequence[str], sampling: Sampling) -> PopulationResult:
+        start = time.perf_counter()
+        completions = [self.generate(prompts, sampling, gen, i) for i in range(gen.population.size)]
+        tokens = sum(len(c.token_ids) for row in completions for c in row)
+        return PopulationResult(completions, time.perf_counter() - start, tokens)
+
+    def apply_update(self, gen: Generation, shaped_fitness, lr: float, scaling: str = "mean") -> None:
+        apply_update(self.master, self.targets, gen.population, gen.seed, gen.epoch, shaped_fitness, lr, scaling)
+        self._sync()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.clone() for k, v in self.master.items()}
+
+    def load_state_dict(self, weights: dict[str, torch.Tensor]) -> None:
+        for t in self.targets:
+            self.master[t.param].copy_(weights[t.param])
+        self._sync()

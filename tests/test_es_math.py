@@ -35,7 +35,7 @@ def test_rank_r_gradient_approaches_full_rank_like_one_over_r():
         errors[r] = (lowrank - full).norm().item()
     # Expected bias per entry: 2 sigma^2 / r, so the error norm is about 6 / r for a 3 x 3 matrix.
     ranks = sorted(errors)
-    assert all(errors[a] > errors[b] for a, b in zip(ranks, ranks[1:])), errors
+    assert all(errors[a] > errors[b] for a, b in zip(ranks, ranks[1:], strict=False)), errors
     slope = (math.log(errors[16]) - math.log(errors[1])) / (math.log(16) - math.log(1))
     assert -1.3 < slope < -0.7, (slope, errors)
     assert abs(errors[1] - 6.0) < 0.6, errors

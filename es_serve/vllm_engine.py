@@ -1,0 +1,165 @@
+"""The vLLM engine: one ES generation is one batched multi-LoRA `generate` call.
+
+Every member is a rank-r LoRA adapter whose tensors the worker builds from the member's seed (see
+vllm_worker.py); the driver only ever sends adapter addresses, seeds and fitness values.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from adapters import DEFAULT_MODULES, Population, Target
+
+from .sizing import EnginePlan, plan_engine
+from .types import Completion, Generation, PopulationResult, Sampling
+from .vllm_worker import member_path, worker_extension_name
+
+
+class VLLMEngine:
+    def __init__(
+        self,
+        model_dir: str | Path,
+        population: Population,
+        prompts_per_step: int,
+        max_tokens: int,
+        modules: Sequence[str] = DEFAULT_MODULES,
+        dtype: str = "bfloat16",
+        max_model_len: int = 512,
+        memory_fraction: float = 0.5,
+        seed: int = 0,
+    ):
+        # In-process engine: collective_rpc then calls the worker directly, and a crash surfaces
+        # here as a Python exception instead of a dead subprocess.
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        from vllm import LLM
+        from transformers import AutoTokenizer
+
+        model_dir = Path(model_dir)
+        if not (model_dir / "config.json").is_file():
+            raise FileNotFoundError(f"{model_dir} is not a Hugging Face model directory (no config.json)")
+        self.plan: EnginePlan = plan_engine(
+            model_dir, population, prompts_per_step, max_tokens, max_model_len, dtype, memory_fraction
+        )
+        self.model_dir, self.population = model_dir, population
+        self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        self.llm = LLM(
+            model=str(model_dir),
+            dtype=dtype,
+            seed=seed,
+            max_model_len=max_model_len,
+            enforce_eager=True,
+            gpu_memory_utilization=memory_fraction,
+            enable_lora=True,
+            max_lora_rank=self.plan.max_lora_rank,
+            max_loras=self.plan.max_loras,
+            max_cpu_loras=self.plan.max_cpu_loras,
+            max_num_seqs=self.plan.max_num_seqs,
+            worker_extension_cls=worker_extension_name(),
+        )
+        rows = self._rpc("es_setup", list(modules))
+        self.targets = [Target(layer, param.split(".")[-2], m, n, param) for param, layer, m, n in rows]
+        self._lora_ids: dict[str, int] = {}
+
+    def _rpc(self, method: str, *args):
+        results = self.llm.collective_rpc(method, args=args)
+        return results[0]
+
+    def encode(self, prompt: str) -> list[int]:
+        return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
+    def _params(self, sampling: Sampling, member: int, prompt: int):
+        from vllm import SamplingParams
+
+        if sampling.temperature == 0:
+            return SamplingParams(max_tokens=sampling.max_tokens, temperature=0.0)
+        return SamplingParams(
+            max_tokens=sampling.max_tokens,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            seed=sampling.request_seed(member, prompt),
+        )
+
+    def _lora(self, gen: Generation, member: int):
+        from vllm.lora.request import LoRARequest
+
+        path = member_path(gen.seed, gen.epoch, member, gen.population)
+        # One id per distinct adapter: vLLM caches by id and keys prefix-cache entries by name.
+        lora_id = self._lora_ids.setdefault(path, len(self._lora_ids) + 1)
+        return LoRARequest(lora_name=path, lora_int_id=lora_id, lora_path=path)
+
+    def _run(self, requests, params, loras) -> tuple[list[Completion], float]:
+        start = time.perf_counter()
+        outputs = self.llm.generate(requests, params, lora_request=loras, use_tqdm=False)
+        seconds = time.perf_counter() - start
+        return [Completion(o.outputs[0].text, list(o.outputs[0].token_ids)) for o in outputs], seconds
+
+    def generate(
+        self,
+        prompts: Sequence[str],
+        sampling: Sampling,
+        gen: Generation | None = None,
+        member: int | None = None,
+    ) -> list[Completion]:
+        """Unperturbed model, or one member when `gen` and `member` are given."""
+        requests = [{"prompt_token_ids": self.encode(p)} for p in prompts]
+        params = [self._params(sampling, member or 0, j) for j in range(len(prompts))]
+        loras = None if gen is None else [self._lora(gen, member)] * len(prompts)
+        return self._run(requests, params, loras)[0]
+
+    def generate_population(self, gen: Generation, prompts: Sequence[str], sampling: Sampling) -> PopulationResult:
+        """All N x P requests in one `generate`: completions[i][p] is member i on prompt p."""
+        return self.generate_members([(gen, i) for i in range(gen.population.size)], prompts, sampling)
+
+    def generate_members(
+        self, members: Sequence[tuple[Generation, int]], prompts: Sequence[str], sampling: Sampling
+    ) -> PopulationResult:
+        """Any mix of members (of any generations) on the same prompts, in one `generate`."""
+        encoded = [self.encode(p) for p in prompts]
+        requests, params, loras = [], [], []
+        for gen, i in members:
+            lora = self._lora(gen, i)
+            for j, ids in enumerate(encoded):
+                requests.append({"prompt_token_ids": ids})
+                params.append(self._params(sampling, i, j))
+                loras.append(lora)
+        flat, seconds = self._run(requests, params, loras)
+        p = len(prompts)
+        rows = [flat[k * p : (k + 1) * p] for k in range(len(members))]
+        return PopulationResult(rows, seconds, sum(len(c.token_ids) for c in flat))
+
+    def apply_update(self, gen: Generation, shaped_fitness, lr: float, scaling: str = "mean") -> str:
+        pop = gen.population
+        spec = {"size": pop.size, "rank": pop.rank, "sigma": pop.sigma, "antithetic": pop.antithetic}
+        shaped = [float(x) for x in torch.as_tensor(shaped_fitness).reshape(-1)]
+        checksum = self._rpc("es_apply_update", gen.seed, gen.epoch, spec, shaped, lr, scaling)
+        # Prefix-cache entries hold keys and values of the old weights.
+        self.llm.reset_prefix_cache()
+        return checksum
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self._rpc("es_get_weights")
+
+    def load_state_dict(self, weights: dict[str, torch.Tensor]) -> str:
+        checksum = self._rpc("es_set_weights", weights)
+        self.llm.reset_prefix_cache()
+        return checksum
+
+    def checksum(self) -> str:
+        return self._rpc("es_checksum")
+
+    def close(self) -> None:
+        """Frees the engine's memory; vLLM has no public shutdown for an in-process LLM."""
+        import gc
+
+        engine = getattr(self.llm, "llm_engine", None)
+        core = getattr(engine, "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            core.shutdown()
+        del self.llm
+        gc.collect()

@@ -1,0 +1,148 @@
+"""The part of es-serve that lives inside each vLLM worker (loaded as `worker_extension_cls`).
+
+It does three things the stock worker cannot:
+- builds a member's LoRA tensors from its seed when vLLM asks to load an adapter whose path is an
+  `es://` address, so no adapter ever touches the disk and only seeds reach the worker;
+- keeps a float32 master copy of every trained matrix and merges the ES update into it from seeds
+  and shaped fitness alone (so replicas agree without shipping weights);
+- pushes the merged masters back into the model through `reload_weights`, which on CPU also rebuilds
+  the prepacked GEMM kernels (vLLM drops the plain weight there, so in-place edits would be lost).
+
+Every method is called by name through `LLM.collective_rpc` and takes and returns plain values.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from urllib.parse import parse_qs, urlparse
+
+import torch
+
+from adapters import Population, apply_update, find_targets, member_state_dict, peft_config
+
+SCHEME = "es://"
+# vLLM fuses these projections into one kernel; a reload must supply every shard of a fused layer.
+FUSED = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up", "up_proj": "gate_up"}
+SHARDS = {"qkv": ("q_proj", "k_proj", "v_proj"), "gate_up": ("gate_proj", "up_proj")}
+
+
+def member_path(seed: int, epoch: int, member: int, pop: Population) -> str:
+    """The adapter address of one member; everything needed to rebuild it is in the string."""
+    return (
+        f"{SCHEME}{seed}/{epoch}/{member}?n={pop.size}&r={pop.rank}&sigma={pop.sigma!r}"
+        f"&antithetic={int(pop.antithetic)}"
+    )
+
+
+def parse_member_path(path: str) -> tuple[int, int, int, Population]:
+    url = urlparse(path)
+    seed, epoch, member = int(url.netloc), *(int(x) for x in url.path.strip("/").split("/"))
+    q = {k: v[0] for k, v in parse_qs(url.query).items()}
+    pop = Population(int(q["n"]), int(q["r"]), float(q["sigma"]), bool(int(q["antithetic"])))
+    return seed, epoch, member, pop
+
+
+def _read_checkpoint(model_dir: Path, wanted) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no .safetensors weights in {model_dir}; es-serve needs safetensors checkpoints")
+    out = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 - safe_open is not a dict
+                if wanted(name):
+                    out[name] = f.get_tensor(name).to(torch.float32)
+    return out
+
+
+class ESWorkerExtension:
+    """Mixed into vLLM's Worker class; `self` is the worker."""
+
+    def es_setup(self, modules: list[str]) -> list[tuple[str, int, int, int]]:
+        """Reads the trained matrices' masters and routes `es://` adapters to the seed loader."""
+        model_dir = Path(self.model_runner.model_config.model)
+        targets = find_targets(_read_checkpoint(model_dir, lambda n: ".layers." in n), modules)
+        trained = {t.param for t in targets}
+        # Untrained shards of a fused layer ride along unchanged so a reload always sees whole layers.
+        companions = set()
+        for t in targets:
+            group = FUSED.get(t.module)
+            if group:
+                prefix = t.param.rsplit(".", 2)[0]
+                companions.update(f"{prefix}.{shard}.weight" for shard in SHARDS[group])
+        self._es_targets = targets
+        self._es_master = _read_checkpoint(model_dir, lambda n: n in trained or n in companions)
+        self._es_cache: dict[str, dict[str, torch.Tensor]] = {}
+        self._es_cache_epoch = None
+        manager = self.model_runner.lora_manager
+        if not hasattr(manager, "_es_original_load"):
+            manager._es_original_load = manager._load_adapter
+        manager._load_adapter = self._es_load_adapter
+        return [(t.param, t.layer, t.out_features, t.in_features) for t in targets]
+
+    def _es_load_adapter(self, request):
+        manager = self.model_runner.lora_manager
+        if not request.lora_path.startswith(SCHEME):
+            return manager._es_original_load(request)
+        from vllm.lora.lora_model import LoRAModel
+        from vllm.lora.peft_helper import PEFTHelper
+
+        seed, epoch, member, pop = parse_member_path(request.lora_path)
+        # Adapters of one noise epoch are rebuilt from this cache after a merge drops vLLM's copies.
+        if self._es_cache_epoch != (seed, epoch):
+            self._es_cache, self._es_cache_epoch = {}, (seed, epoch)
+        tensors = self._es_cache.get(request.lora_path)
+        if tensors is None:
+            tensors = member_state_dict(pop, member, self._es_targets, seed, epoch)
+            self._es_cache[request.lora_path] = tensors
+        config = peft_config(pop.rank, sorted({t.module for t in self._es_targets}))
+        config["vllm_max_position_embeddings"] = manager.max_position_embeddings
+        helper = PEFTHelper.from_dict(config)
+        helper.validate_legal(manager.lora_config)
+        # Cloned because vLLM packs and rescales the tensors it is given in place.
+        return LoRAModel.from_lora_tensors(
+            lora_model_id=request.lora_int_id,
+            tensors={k: v.clone() for k, v in tensors.items()},
+            peft_helper=helper,
+            device="cpu",
+            dtype=manager.lora_config.lora_dtype,
+            model_vocab_size=manager.vocab_size,
+        )
+
+    def es_apply_update(
+        self, seed: int, epoch: int, pop: dict, shaped: list[float], lr: float, scaling: str
+    ) -> str:
+        population = Population(**pop)
+        apply_update(self._es_master, self._es_targets, population, seed, epoch, shaped, lr, scaling)
+        self._es_push()
+        return self.es_checksum()
+
+    def es_set_weights(self, weights: dict[str, torch.Tensor]) -> str:
+        for name, value in weights.items():
+            if name not in self._es_master:
+                raise KeyError(f"{name} is not a trained weight of this engine")
+            self._es_master[name].copy_(value)
+        self._es_push()
+        return self.es_checksum()
+
+    def es_get_weights(self) -> dict[str, torch.Tensor]:
+        trained = {t.param for t in self._es_targets}
+        return {k: v.clone() for k, v in self._es_master.items() if k in trained}
+
+    def es_checksum(self) -> str:
+        digest = hashlib.sha256()
+        for name in sorted(self._es_master):
+            digest.update(name.encode())
+            digest.update(self._es_master[name].numpy().tobytes())
+        return digest.hexdigest()
+
+    def _es_push(self) -> None:
+        self.reload_weights(weights_iterator=iter(list(self._es_master.items())), is_checkpoint_format=True)
+
+
+
+def worker_extension_name() -> str:
+    return f"{ESWorkerExtension.__module__}.{ESWorkerExtension.__qualname__}"

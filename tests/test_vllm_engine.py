@@ -1,0 +1,105 @@
+"""The vLLM engine against the dense float64 reference, on the tiny random Llama."""
+
+import pytest
+import torch
+
+from adapters import Population, shape_fitness
+from es_serve.dense import DenseEngine
+from es_serve.types import Generation, Sampling
+
+pytestmark = pytest.mark.vllm
+
+PROMPTS = ["What is 3 + 4?", "The answer is", "how many numbers", "use each once"]
+GREEDY = Sampling(max_tokens=10)
+POP = Population(size=32, rank=1, sigma=0.3)
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_model_dir):
+    from es_serve.vllm_engine import VLLMEngine
+
+    # float32 in vLLM so greedy tokens can be compared exactly with the float64 reference.
+    engine = VLLMEngine(tiny_model_dir, POP, len(PROMPTS), GREEDY.max_tokens, dtype="float32", memory_fraction=0.15)
+    yield engine, DenseEngine(tiny_model_dir, dtype=torch.float64)
+    engine.close()
+
+
+def _tokens(rows):
+    return [[c.token_ids for c in row] for row in rows]
+
+
+def _dense_population(dense, gen, members, prompts, sampling=GREEDY):
+    return [[c.token_ids for c in dense.generate(prompts, sampling, gen, i)] for i in members]
+
+
+def test_whole_population_in_one_generate_call_matches_dense_members(engines, monkeypatch):
+    engine, dense = engines
+    calls = []
+    original = engine.llm.generate
+    monkeypatch.setattr(engine.llm, "generate", lambda *a, **k: calls.append(len(a[0])) or original(*a, **k))
+    gen = Generation(POP, seed=11, epoch=0)
+    result = engine.generate_population(gen, PROMPTS, GREEDY)
+    assert calls == [32 * 4]
+    assert len(result.completions) == 32 and all(len(row) == 4 for row in result.completions)
+    assert _tokens(result.completions) == _dense_population(dense, gen, range(32), PROMPTS)
+    base = [c.token_ids for c in dense.generate(PROMPTS, GREEDY)]
+    # sigma is large enough that members really differ from the base model and from each other.
+    assert sum(row != base for row in _tokens(result.completions)) >= 24
+    assert len({tuple(map(tuple, row)) for row in _tokens(result.completions)}) >= 24
+
+
+def test_unperturbed_generation_matches_dense(engines):
+    engine, dense = engines
+    assert [c.token_ids for c in engine.generate(PROMPTS, GREEDY)] == [
+        c.token_ids for c in dense.generate(PROMPTS, GREEDY)
+    ]
+
+
+def test_member_result_does_not_depend_on_its_batch(engines):
+    engine, _ = engines
+    gen_a, gen_b = Generation(POP, seed=1, epoch=0), Generation(POP, seed=2, epoch=5)
+    sampled = Sampling(max_tokens=10, temperature=1.0, seed=3)
+    for sampling in (GREEDY, sampled):
+        alone = engine.generate_members([(gen_a, 5)], PROMPTS, sampling).completions[0]
+        crowd = [(gen_b, i) for i in range(12)] + [(gen_a, 5)] + [(gen_b, i) for i in range(12, 20)]
+        mixed = engine.generate_members(crowd, PROMPTS, sampling).completions[12]
+        assert [c.token_ids for c in alone] == [c.token_ids for c in mixed]
+
+
+def test_sampled_members_differ_by_seed(engines):
+    engine, _ = engines
+    gen = Generation(POP, seed=1, epoch=0)
+    a = engine.generate_members([(gen, 0)], PROMPTS, Sampling(max_tokens=10, temperature=1.0, seed=1))
+    b = engine.generate_members([(gen, 0)], PROMPTS, Sampling(max_tokens=10, temperature=1.0, seed=2))
+    assert _tokens(a.completions) != _tokens(b.completions)
+
+
+def test_merge_matches_dense_reference_and_next_generation_sees_it(engines):
+    engine, dense = engines
+    before = engine.checksum()
+    gen = Generation(POP, seed=4, epoch=0)
+    shaped = shape_fitness(torch.randn(32, 4, generator=torch.Generator().manual_seed(0)), "centered")
+    engine.apply_update(gen, shaped, lr=0.5)
+    dense.apply_update(gen, shaped, lr=0.5)
+    assert engine.checksum() != before
+    weights = engine.state_dict()
+    for name, w in weights.items():
+        torch.testing.assert_close(w, dense.master[name], rtol=0, atol=0)
+    merged_base = [c.token_ids for c in dense.generate(PROMPTS, GREEDY)]
+    assert [c.token_ids for c in engine.generate(PROMPTS, GREEDY)] == merged_base
+    # The same adapters (same noise epoch) now ride on the merged weights.
+    again = engine.generate_members([(gen, i) for i in range(6)], PROMPTS, GREEDY)
+    assert _tokens(again.completions) == _dense_population(dense, gen, range(6), PROMPTS)
+
+
+def test_load_state_dict_round_trip(engines):
+    engine, dense = engines
+    saved = engine.state_dict()
+    checksum = engine.checksum()
+    zeroed = {k: torch.zeros_like(v) for k, v in saved.items()}
+    engine.load_state_dict(zeroed)
+    assert engine.checksum() != checksum
+    assert engine.load_state_dict(saved) == checksum
+    assert [c.token_ids for c in engine.generate(PROMPTS, GREEDY)] == [
+        c.token_ids for c in dense.generate(PROMPTS, GREEDY)
+    ]

@@ -81,6 +81,8 @@ class DenseEngine:
             pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
             attention_mask=torch.ones_like(input_ids),
         )
+        if sampling.ignore_eos:
+            kwargs["min_new_tokens"] = sampling.max_tokens
         if sampling.temperature == 0:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         else:

@@ -88,7 +88,9 @@ def plan_engine(
     # GPU-side slots plus the CPU cache that holds every member of a step.
     adapter_bytes = (max_loras + pop.size) * rank * layers * sides * nbytes
     kv_bytes = max_num_seqs * max_model_len * layers * 2 * kv * nbytes
-    plan = EnginePlan(rank, max_loras, max(max_loras, pop.size), max_num_seqs, weight_bytes, master_bytes, adapter_bytes, kv_bytes)
+    plan = EnginePlan(
+        rank, max_loras, max(max_loras, pop.size), max_num_seqs, weight_bytes, master_bytes, adapter_bytes, kv_bytes
+    )
 
     available = _available_memory() if available is None else available
     reserved = int(memory_fraction * _total_memory())

@@ -15,6 +15,7 @@ class Sampling:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
+    ignore_eos: bool = False  # benchmarks: every request generates exactly max_tokens
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:

@@ -37,8 +37,8 @@ class VLLMEngine:
         # here as a Python exception instead of a dead subprocess.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-        from vllm import LLM
         from transformers import AutoTokenizer
+        from vllm import LLM
 
         model_dir = Path(model_dir)
         if not (model_dir / "config.json").is_file():
@@ -77,12 +77,13 @@ class VLLMEngine:
         from vllm import SamplingParams
 
         if sampling.temperature == 0:
-            return SamplingParams(max_tokens=sampling.max_tokens, temperature=0.0)
+            return SamplingParams(max_tokens=sampling.max_tokens, temperature=0.0, ignore_eos=sampling.ignore_eos)
         return SamplingParams(
             max_tokens=sampling.max_tokens,
             temperature=sampling.temperature,
             top_p=sampling.top_p,
             seed=sampling.request_seed(member, prompt),
+            ignore_eos=sampling.ignore_eos,
         )
 
     def _lora(self, gen: Generation, member: int):

@@ -21,6 +21,8 @@ import torch
 
 from adapters import Population, apply_update, find_targets, member_state_dict, peft_config
 
+from .weights import read_safetensors
+
 SCHEME = "es://"
 # vLLM fuses these projections into one kernel; a reload must supply every shard of a fused layer.
 FUSED = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up", "up_proj": "gate_up"}
@@ -43,28 +45,13 @@ def parse_member_path(path: str) -> tuple[int, int, int, Population]:
     return seed, epoch, member, pop
 
 
-def _read_checkpoint(model_dir: Path, wanted) -> dict[str, torch.Tensor]:
-    from safetensors import safe_open
-
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no .safetensors weights in {model_dir}; es-serve needs safetensors checkpoints")
-    out = {}
-    for file in files:
-        with safe_open(str(file), framework="pt") as f:
-            for name in f.keys():  # noqa: SIM118 - safe_open is not a dict
-                if wanted(name):
-                    out[name] = f.get_tensor(name).to(torch.float32)
-    return out
-
-
 class ESWorkerExtension:
     """Mixed into vLLM's Worker class; `self` is the worker."""
 
     def es_setup(self, modules: list[str]) -> list[tuple[str, int, int, int]]:
         """Reads the trained matrices' masters and routes `es://` adapters to the seed loader."""
         model_dir = Path(self.model_runner.model_config.model)
-        targets = find_targets(_read_checkpoint(model_dir, lambda n: ".layers." in n), modules)
+        targets = find_targets(read_safetensors(model_dir, lambda n: ".layers." in n), modules)
         trained = {t.param for t in targets}
         # Untrained shards of a fused layer ride along unchanged so a reload always sees whole layers.
         companions = set()
@@ -74,7 +61,7 @@ class ESWorkerExtension:
                 prefix = t.param.rsplit(".", 2)[0]
                 companions.update(f"{prefix}.{shard}.weight" for shard in SHARDS[group])
         self._es_targets = targets
-        self._es_master = _read_checkpoint(model_dir, lambda n: n in trained or n in companions)
+        self._es_master = read_safetensors(model_dir, lambda n: n in trained or n in companions)
         self._es_cache: dict[str, dict[str, torch.Tensor]] = {}
         self._es_cache_epoch = None
         manager = self.model_runner.lora_manager
@@ -112,9 +99,7 @@ class ESWorkerExtension:
             model_vocab_size=manager.vocab_size,
         )
 
-    def es_apply_update(
-        self, seed: int, epoch: int, pop: dict, shaped: list[float], lr: float, scaling: str
-    ) -> str:
+    def es_apply_update(self, seed: int, epoch: int, pop: dict, shaped: list[float], lr: float, scaling: str) -> str:
         population = Population(**pop)
         apply_update(self._es_master, self._es_targets, population, seed, epoch, shaped, lr, scaling)
         self._es_push()
@@ -141,7 +126,6 @@ class ESWorkerExtension:
 
     def _es_push(self) -> None:
         self.reload_weights(weights_iterator=iter(list(self._es_master.items())), is_checkpoint_format=True)
-
 
 
 def worker_extension_name() -> str:

@@ -1,0 +1,165 @@
+"""Run configuration: pydantic models, read from TOML, overridden with `--set key=value`.
+
+The key names are a public contract (`es-serve train --set es.population=64`); rename nothing.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+import tomli_w
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from adapters import DEFAULT_MODULES
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    name: str = Field("smollm2-135m", description="a known model name (es-serve models) or a local HF directory")
+    dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    max_model_len: int = Field(512, ge=64)
+
+
+class ESConfig(_Section):
+    population: int = Field(32, ge=2, description="members per generation (N)")
+    rank: int = Field(1, ge=1, le=512)
+    sigma: float = Field(1e-3, gt=0)
+    lr: float = Field(5e-4, gt=0)
+    shaping: Literal["centered", "zscore", "rank"] = "centered"
+    scaling: Literal["mean", "sqrt"] = "mean"
+    antithetic: bool = True
+    noise_reuse: int = Field(1, ge=1, description="steps that share one noise epoch")
+    seed: int = Field(0, ge=0)
+    modules: list[str] = Field(default_factory=lambda: list(DEFAULT_MODULES))
+
+    @model_validator(mode="after")
+    def _even_population(self):
+        if self.antithetic and self.population % 2:
+            raise ValueError(
+                f"es.population={self.population} is odd but es.antithetic is true: use an even population"
+            )
+        return self
+
+
+class TaskConfig(_Section):
+    name: str = "arithmetic"
+    prompts_per_step: int = Field(4, ge=1)
+    eval_prompts: int = Field(64, ge=1)
+    seed: int = Field(0, ge=0)
+
+
+class RewardConfig(_Section):
+    fn: str | None = Field(None, description="built-in name, path/to/file.py:function or module:function")
+    weights: list[float] | None = None
+
+
+class GenerationConfig(_Section):
+    max_tokens: int = Field(32, ge=1, le=8192)
+    temperature: float = Field(0.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+
+
+class TrainConfig(_Section):
+    steps: int = Field(40, ge=0)
+    eval_every: int = Field(10, ge=1)
+    checkpoint_every: int = Field(10, ge=1)
+
+
+class EngineConfig(_Section):
+    kind: Literal["vllm", "dense"] = "vllm"
+    memory_fraction: float = Field(0.3, gt=0, lt=1)
+    ray_address: str | None = None
+    replicas: int = Field(1, ge=1)
+
+
+class Config(_Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    es: ESConfig = Field(default_factory=ESConfig)
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+
+    @field_validator("model", "es", "task", "reward", "generation", "train", "engine", mode="before")
+    @classmethod
+    def _section_is_table(cls, value, info):
+        if value is not None and not isinstance(value, dict | BaseModel):
+            raise ValueError(f"[{info.field_name}] must be a table of keys, got {value!r}")
+        return value
+
+
+class ConfigError(ValueError):
+    """A configuration problem, already phrased for the user (no traceback needed)."""
+
+
+def _describe(error: dict) -> str:
+    key = ".".join(str(p) for p in error["loc"])
+    msg = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        parent = error["loc"][:-1]
+        section = _section_of(parent)
+        allowed = ", ".join(section.model_fields) if section else ", ".join(Config.model_fields)
+        return f"unknown key '{key}'; allowed here: {allowed}"
+    if error["type"] == "literal_error":
+        return f"{key}: {msg} (got {error.get('input')!r})"
+    return f"{key}: {msg} (got {error.get('input')!r})" if "input" in error and error["loc"] else f"{key}: {msg}"
+
+
+def _section_of(loc) -> type[BaseModel] | None:
+    model: type[BaseModel] = Config
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+            return None
+        model = field.annotation
+    return model
+
+
+def validate(data: dict) -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(_describe(e) for e in exc.errors())) from None
+
+
+def parse_override(item: str) -> tuple[list[str], object]:
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set expects KEY=VALUE (for example es.population=64), got {item!r}")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # a bare word is a string: task.name=countdown
+    return key.strip().split("."), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = data
+        for k in keys[:-1]:
+            child = node.setdefault(k, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item}: '{k}' is a value, not a table")
+            node = child
+        node[keys[-1]] = value
+    return validate(data)
+
+
+def dump_config(config: Config) -> str:
+    return tomli_w.dumps(config.model_dump(exclude_none=True))

@@ -1,0 +1,38 @@
+"""Builds the configured engine for a run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from adapters import Population
+
+from .config import Config
+
+
+def build_engine(config: Config, model_dir: Path):
+    es = config.es
+    pop = Population(es.population, es.rank, es.sigma, es.antithetic)
+    if config.engine.replicas > 1 or config.engine.ray_address:
+        raise NotImplementedError(
+            "engine.replicas > 1 and engine.ray_address need the Ray engine, which is not part of this "
+            "release; run with one engine"
+        )
+    if config.engine.kind == "dense":
+        import torch
+
+        from .dense import DenseEngine
+
+        return DenseEngine(model_dir, dtype=getattr(torch, config.model.dtype), modules=es.modules)
+    from .vllm_engine import VLLMEngine
+
+    return VLLMEngine(
+        model_dir,
+        pop,
+        prompts_per_step=max(config.task.prompts_per_step, 1),
+        max_tokens=config.generation.max_tokens,
+        modules=es.modules,
+        dtype=config.model.dtype,
+        max_model_len=config.model.max_model_len,
+        memory_fraction=config.engine.memory_fraction,
+        seed=es.seed,
+    )

@@ -1,0 +1,177 @@
+"""The `es-serve` command line."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, MemoryError, NotImplementedError, KeyError)
+
+
+def _fail(message: str, code: int = 2) -> int:
+    print(f"es-serve: error: {message}", file=sys.stderr)
+    return code
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="es-serve", description="Train LLMs with evolution strategies through vLLM.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="run ES training (the embedded default needs no arguments)")
+    train.add_argument("config", nargs="?", help="TOML configuration file")
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    train.add_argument("--out", help="run directory (default: runs/<time>-<task>)")
+    train.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last committed step")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    sub.add_parser("models", help="list the known model names")
+
+    export = sub.add_parser("export", help="write a run's trained model as a Hugging Face directory")
+    export.add_argument("run_dir")
+    export.add_argument("out_dir")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        if args.command == "train":
+            return _train(args)
+        if args.command == "models":
+            return _models()
+        if args.command == "export":
+            return _export(args)
+    except USER_ERRORS as exc:
+        if os.environ.get("ES_SERVE_DEBUG"):
+            raise
+        return _fail(str(exc).strip("'\""))
+    return 1
+
+
+def _models() -> int:
+    from es_serve.models import list_models
+
+    for name, description, cached in list_models():
+        print(f"{name:16s} {'cached ' if cached else 'not yet'}  {description}")
+    print("Any local Hugging Face model directory is accepted as model.name too.")
+    return 0
+
+
+def _export(args) -> int:
+    from es_serve.export import export_run
+
+    out = export_run(Path(args.run_dir), Path(args.out_dir))
+    print(f"exported {args.run_dir} to {out}")
+    return 0
+
+
+def _load(args):
+    from es_serve.config import ConfigError, load_config, validate
+
+    if args.resume:
+        from es_serve.run_dir import RunDir
+
+        run = RunDir(args.resume)
+        if not run.exists():
+            raise ConfigError(f"--resume {args.resume}: no run there (config.toml is missing)")
+        saved = load_config(run.config_path)
+        config = load_config(run.config_path, args.overrides)
+        changed = [
+            k for k in ("model", "es", "task", "reward", "generation") if getattr(saved, k) != getattr(config, k)
+        ]
+        if changed:
+            raise ConfigError(
+                f"--resume cannot change [{', '.join(changed)}]: the replay log depends on them; "
+                "only train.* and engine.* may change when resuming"
+            )
+        return config, run.path
+    config = load_config(args.config, args.overrides)
+    out = Path(args.out) if args.out else Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{config.task.name}"
+    validate(config.model_dump())
+    return config, out
+
+
+def _train(args) -> int:
+    from es_serve.config import ConfigError
+
+    try:
+        config, out = _load(args)
+        from es_serve.models import resolve_model
+
+        from rewards import get_task, load_reward
+
+        model_dir = resolve_model(config.model.name)
+        task = get_task(config.task.name, seed=config.task.seed)
+        reward = load_reward(config.reward.fn or task.default_reward, weights=config.reward.weights)
+    except ConfigError as exc:
+        return _fail(str(exc))
+
+    from es_serve.engines import build_engine
+    from es_serve.plot import plot_metrics
+    from es_serve.trainer import Trainer
+
+    print(f"es-serve: model {config.model.name} ({model_dir}), task {config.task.name}, run directory {out}")
+    engine = build_engine(config, model_dir)
+    trainer = Trainer(config, out, engine, task, reward)
+
+    def stop(signum, frame):
+        if trainer.stop_requested:
+            raise KeyboardInterrupt
+        trainer.stop_requested = True
+        print("\nes-serve: stopping after the step in progress (send again to abort it)", file=sys.stderr)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    bar = _progress(config.train.steps, args.quiet)
+
+    def on_step(report):
+        rec = report.record
+        plot_metrics(trainer.run.metrics(), trainer.run.plot_path, f"{config.model.name} on {config.task.name}")
+        bar.update(report.step, rec)
+
+    trainer.train(resume=bool(args.resume), on_step=on_step)
+    bar.close()
+    metrics = trainer.run.metrics()
+    evals = [m for m in metrics if m.get("eval_reward") is not None]
+    if evals:
+        first, last = evals[0], evals[-1]
+        print(
+            f"es-serve: eval reward {first['eval_reward']:.3f} at step {first['step']} -> "
+            f"{last['eval_reward']:.3f} at step {last['step']} (held-out, greedy); run in {out}"
+        )
+    return 0
+
+
+class _progress:
+    """A tqdm bar showing step, reward, eval reward and generation tokens/s."""
+
+    def __init__(self, total: int, quiet: bool):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, disable=quiet, unit="step", dynamic_ncols=True)
+        self.eval = None
+
+    def update(self, step: int, rec: dict) -> None:
+        if rec.get("eval_reward") is not None:
+            self.eval = rec["eval_reward"]
+        self.bar.n = step
+        post = {}
+        if rec.get("reward_mean") is not None:
+            post["reward"] = f"{rec['reward_mean']:.3f}"
+        if self.eval is not None:
+            post["eval"] = f"{self.eval:.3f}"
+        if rec.get("gen_tok_s"):
+            post["tok/s"] = f"{rec['gen_tok_s']:.0f}"
+        self.bar.set_postfix(post, refresh=True)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

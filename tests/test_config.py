@@ -1,0 +1,44 @@
+import pytest
+
+from es_serve.config import ConfigError, dump_config, load_config
+
+
+def test_defaults_and_overrides(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('[es]\npopulation = 16\nsigma = 0.01\n[task]\nname = "countdown"\n')
+    config = load_config(path, ["es.rank=2", "task.prompts_per_step=8", "reward.fn=mod:fn", "es.shaping=rank"])
+    assert (config.es.population, config.es.sigma, config.es.rank) == (16, 0.01, 2)
+    assert (config.task.name, config.task.prompts_per_step, config.reward.fn) == ("countdown", 8, "mod:fn")
+    assert config.es.shaping == "rank"
+    # The dump is a full, re-loadable configuration.
+    again = tmp_path / "again.toml"
+    again.write_text(dump_config(config))
+    assert load_config(again) == config
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["es.populaton=8"], "unknown key 'es.populaton'; allowed here: population, rank"),
+        (["bogus.x=1"], "unknown key 'bogus'"),
+        (["es.population=seven"], "es.population: Input should be a valid integer"),
+        (["es.population=7"], "es.population=7 is odd"),
+        (["es.sigma=0"], "es.sigma: Input should be greater than 0"),
+        (["es.shaping=softmax"], "es.shaping: Input should be 'centered', 'zscore' or 'rank'"),
+        (["es.rank=0"], "es.rank: Input should be greater than or equal to 1"),
+        (["population"], "--set expects KEY=VALUE"),
+    ],
+)
+def test_bad_values_name_the_key_and_what_is_allowed(overrides, message):
+    with pytest.raises(ConfigError) as exc:
+        load_config(None, overrides)
+    assert message in str(exc.value)
+
+
+def test_missing_file_and_bad_toml(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[es\npopulation=")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(bad)

@@ -1,0 +1,132 @@
+"""The ES loop, checkpoints, the replay log and resume, on the dense engine (no vLLM needed)."""
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from es_serve.config import load_config
+from es_serve.dense import DenseEngine
+from es_serve.export import trained_weights
+from es_serve.run_dir import RunDir
+from es_serve.trainer import Trainer
+from es_serve.weights import base_weights
+
+
+@dataclass
+class Scored:
+    matrix: torch.Tensor
+    valid: torch.Tensor
+    per_reward: dict
+
+
+class CountReward:
+    """Counts a character in each completion: cheap, deterministic, and varies across members."""
+
+    def __init__(self, fail_on_call=None):
+        self.calls, self.fail_on_call = 0, fail_on_call
+
+    def score(self, prompts, completions, columns):
+        self.calls += 1
+        if self.fail_on_call == self.calls:
+            raise RuntimeError("reward server went away")
+        m = torch.tensor([[float(c.count("e")) for c in row] for row in completions], dtype=torch.float64)
+        return Scored(m, torch.ones_like(m, dtype=torch.bool), {"count": m})
+
+
+class Task:
+    default_reward = "count"
+
+    def sample(self, n, step):
+        return [{"prompt": f"What is {step} + {j}?", "answer": str(step + j)} for j in range(n)]
+
+    def eval_rows(self, n):
+        return [{"prompt": f"eval {j} plus", "answer": str(j)} for j in range(n)]
+
+
+def _config(**extra):
+    sets = [
+        "model.name=tiny",
+        "es.population=6",
+        "es.sigma=0.2",
+        "es.lr=0.05",
+        "es.noise_reuse=2",
+        "task.prompts_per_step=2",
+        "task.eval_prompts=3",
+        "generation.max_tokens=6",
+        "train.steps=5",
+        "train.eval_every=2",
+        "train.checkpoint_every=2",
+        "engine.kind=dense",
+    ]
+    return load_config(None, sets + [f"{k}={v}" for k, v in extra.items()])
+
+
+@pytest.fixture()
+def dense(tiny_model_dir):
+    return lambda: DenseEngine(tiny_model_dir, dtype=torch.float32)
+
+
+def test_training_writes_metrics_checkpoints_and_replay(dense, tmp_path):
+    config = _config()
+    trainer = Trainer(config, tmp_path / "run", dense(), Task(), CountReward())
+    metrics = trainer.train()
+    assert [m["step"] for m in metrics] == [0, 1, 2, 3, 4, 5]
+    for m in metrics[1:]:
+        for key in ("reward_mean", "reward_std", "gen_tokens", "gen_seconds", "update_seconds", "step_seconds"):
+            assert key in m, key
+    assert [m["step"] for m in metrics if "eval_reward" in m] == [0, 2, 4, 5]
+    run = RunDir(tmp_path / "run")
+    assert sorted(p.name for p in run.checkpoints.iterdir()) == ["step_000004.safetensors", "step_000005.safetensors"]
+    replay = run.replay()
+    assert [e["step"] for e in replay] == [1, 2, 3, 4, 5]
+    assert [e["epoch"] for e in replay] == [0, 0, 1, 1, 2]  # noise reuse for 2 steps
+    assert (tmp_path / "run" / "config.toml").read_text().count("population = 6") == 1
+
+
+def test_replay_log_rebuilds_checkpointed_weights_from_the_base_model(dense, tiny_model_dir, tmp_path):
+    engine = dense()
+    Trainer(_config(), tmp_path / "run", engine, Task(), CountReward()).train()
+    run = RunDir(tmp_path / "run")
+    targets, weights = base_weights(tiny_model_dir, _config().es.modules)
+    from es_serve.weights import replay_updates
+
+    replay_updates(weights, targets, run.replay(), 0, 4)
+    checkpoint = run.load_checkpoint(run.latest_checkpoint(at_most=4)[1])
+    for name, w in weights.items():
+        assert torch.equal(w, checkpoint[name]), name
+    step, final = trained_weights(run, tiny_model_dir, _config().es.modules)
+    assert step == 5
+    for name, w in engine.state_dict().items():
+        assert torch.equal(final[name], w), name
+
+
+def test_resume_after_a_crash_gives_the_same_weights(dense, tmp_path):
+    straight = Trainer(_config(), tmp_path / "a", dense(), Task(), CountReward())
+    straight.train()
+
+    first = Trainer(_config(), tmp_path / "b", dense(), Task(), CountReward(fail_on_call=6))
+    with pytest.raises(RuntimeError, match="went away"):
+        first.train()
+    assert RunDir(tmp_path / "b").committed_step() == 3  # calls: eval 0, steps 1-2, eval 2, step 3, step 4
+    resumed = Trainer(_config(), tmp_path / "b", dense(), Task(), CountReward())
+    resumed.train(resume=True)
+    for name, w in straight.engine.state_dict().items():
+        assert torch.equal(resumed.engine.state_dict()[name], w), name
+    assert [m["step"] for m in resumed.run.metrics()] == [0, 1, 2, 3, 4, 5]
+
+
+def test_a_failing_reward_leaves_the_weights_unchanged(dense, tmp_path):
+    trainer = Trainer(_config(), tmp_path / "run", dense(), Task(), CountReward(fail_on_call=2))
+    before = trainer.engine.state_dict()
+    with pytest.raises(RuntimeError):
+        trainer.train()
+    after = trainer.engine.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert RunDir(tmp_path / "run").committed_step() == 0
+
+
+def test_refuses_to_overwrite_a_run(dense, tmp_path):
+    Trainer(_config(**{"train.steps": 1}), tmp_path / "run", dense(), Task(), CountReward()).train()
+    with pytest.raises(FileExistsError, match="--resume"):
+        Trainer(_config(), tmp_path / "run", dense(), Task(), CountReward()).train()

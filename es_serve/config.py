@@ -21,7 +21,9 @@ class _Section(BaseModel):
 
 class ModelConfig(_Section):
     name: str = Field("smollm2-135m", description="a known model name (es-serve models) or a local HF directory")
-    dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    dtype: Literal["auto", "bfloat16", "float32"] = Field(
+        "auto", description="auto: bfloat16 where the hardware computes it natively, else float32"
+    )
     max_model_len: int = Field(512, ge=64)
 
 

@@ -33,7 +33,7 @@ class DenseEngine:
             raise FileNotFoundError(f"{model_dir} is not a Hugging Face model directory (no config.json)")
         self.model_dir = model_dir
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-        self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), torch_dtype=dtype).to(device)
+        self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).to(device)
         self.model.eval()
         self.dtype, self.device = dtype, device
         self.params = dict(self.model.named_parameters())

@@ -22,7 +22,10 @@ def build_engine(config: Config, model_dir: Path):
 
         from .dense import DenseEngine
 
-        return DenseEngine(model_dir, dtype=getattr(torch, config.model.dtype), modules=es.modules)
+        from .sizing import resolve_dtype
+
+        dtype = getattr(torch, resolve_dtype(config.model.dtype))
+        return DenseEngine(model_dir, dtype=dtype, modules=es.modules)
     from .vllm_engine import VLLMEngine
 
     return VLLMEngine(

@@ -30,6 +30,25 @@ class EnginePlan:
         return self.weight_bytes + self.master_bytes + self.adapter_bytes + self.kv_bytes
 
 
+def resolve_dtype(dtype: str) -> str:
+    """'auto' picks bfloat16 only where it is fast: CUDA, or CPUs with native bf16 instructions.
+
+    On a CPU without them (AVX2 only) vLLM's oneDNN GEMM refuses bf16 and falls back to a plain
+    torch matmul that is several times slower than float32.
+    """
+    if dtype != "auto":
+        return dtype
+    import torch
+
+    if torch.cuda.is_available():
+        return "bfloat16"
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "float32"
+    return "bfloat16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "float32"
+
+
 def _total_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 

@@ -15,7 +15,7 @@ import torch
 
 from adapters import DEFAULT_MODULES, Population, Target
 
-from .sizing import EnginePlan, plan_engine
+from .sizing import EnginePlan, plan_engine, resolve_dtype
 from .types import Completion, Generation, PopulationResult, Sampling
 from .vllm_worker import member_path, worker_extension_name
 
@@ -28,7 +28,7 @@ class VLLMEngine:
         prompts_per_step: int,
         max_tokens: int,
         modules: Sequence[str] = DEFAULT_MODULES,
-        dtype: str = "bfloat16",
+        dtype: str = "auto",
         max_model_len: int = 512,
         memory_fraction: float = 0.5,
         seed: int = 0,
@@ -43,6 +43,7 @@ class VLLMEngine:
         model_dir = Path(model_dir)
         if not (model_dir / "config.json").is_file():
             raise FileNotFoundError(f"{model_dir} is not a Hugging Face model directory (no config.json)")
+        dtype = self.dtype = resolve_dtype(dtype)
         self.plan: EnginePlan = plan_engine(
             model_dir, population, prompts_per_step, max_tokens, max_model_len, dtype, memory_fraction
         )

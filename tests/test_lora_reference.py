@@ -33,7 +33,7 @@ def test_peft_adapter_gives_dense_member_logits(dense, tiny_model_dir, tmp_path)
     from transformers import AutoModelForCausalLM
 
     ids = dense.encode("What is 12 + 30? The answer is")
-    base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), torch_dtype=torch.float64)
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float64)
     base_logits = dense.logits(ids)
     for member in range(GEN.population.size):
         path = write_peft_adapter(tmp_path / f"m{member}", GEN.population, member, dense.targets, GEN.seed, GEN.epoch)

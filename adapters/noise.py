@@ -38,28 +38,37 @@ def check_rank(rank: int) -> None:
 def pair_factors(key: NoiseKey, m: int, n: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A (m x r) and B (n x r) for one pair and one matrix, float32, on the CPU.
 
-    Drawn on the CPU generator whatever the target device, because torch's CPU Philox stream is the
-    one that is identical across processes, machines and torch builds with and without CUDA.
+    Drawn on the CPU generator whatever the target device, because torch's CPU stream (mt19937) is
+    the one that is identical across processes, machines and torch builds with and without CUDA.
     """
     check_rank(rank)
     if m < 1 or n < 1:
         raise ValueError(f"matrix shape must be positive, got ({m}, {n})")
-    gen = torch.Generator(device="cpu")
-    gen.manual_seed(key.generator_seed())
-    z = torch.randn(m + n, rank, generator=gen, dtype=torch.float32)
+    z = torch.empty(m + n, rank, dtype=torch.float32)
+    _draw(key, z, torch.Generator(device="cpu"))
     return z[:m], z[m:]
+
+
+def _draw(key: NoiseKey, out: torch.Tensor, gen: torch.Generator) -> None:
+    gen.manual_seed(key.generator_seed())
+    torch.randn(out.shape, generator=gen, dtype=torch.float32, out=out)
 
 
 def stacked_factors(
     seed: int, epoch: int, pairs: range | list[int], layer: int, module: str, m: int, n: int, rank: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Factors of many pairs for one matrix: A (pairs, m, r) and B (pairs, n, r)."""
-    a_list, b_list = [], []
-    for k in pairs:
-        a, b = pair_factors(NoiseKey(seed, epoch, k, layer, module), m, n, rank)
-        a_list.append(a)
-        b_list.append(b)
-    return torch.stack(a_list), torch.stack(b_list)
+    """Factors of many pairs for one matrix: A (pairs, m, r) and B (pairs, n, r).
+
+    The same numbers as pair_factors pair by pair, drawn into one preallocated block with one
+    reseeded generator: at N = 1024 this halves the time against a fresh generator and a stack.
+    """
+    check_rank(rank)
+    pairs = list(pairs)
+    z = torch.empty(len(pairs), m + n, rank, dtype=torch.float32)
+    gen = torch.Generator(device="cpu")
+    for i, k in enumerate(pairs):
+        _draw(NoiseKey(seed, epoch, k, layer, module), z[i], gen)
+    return z[:, :m], z[:, m:]
 
 
 def noise_epoch(step: int, reuse: int) -> int:

@@ -44,13 +44,19 @@ def update_factor(pop: Population, lr: float, scaling: str = "mean") -> float:
     return lr / (norm * math.sqrt(pop.rank))
 
 
-def lowrank_sum(a: torch.Tensor, b: torch.Tensor, coeffs: torch.Tensor, factor: float) -> torch.Tensor:
-    """factor * sum_k coeffs[k] A_k B_k^T for stacks A (K, m, r), B (K, n, r), in float32."""
+def _factors(a: torch.Tensor, b: torch.Tensor, coeffs: torch.Tensor, factor: float):
+    """A diag(c) (m x Kr) and B (n x Kr) for stacks A (K, m, r), B (K, n, r)."""
     k, m, r = a.shape
     n = b.shape[1]
     weights = coeffs.to(torch.float32).repeat_interleave(r)
     a_cat = a.to(torch.float32).permute(1, 0, 2).reshape(m, k * r) * (weights * factor)
     b_cat = b.to(torch.float32).permute(1, 0, 2).reshape(n, k * r)
+    return a_cat, b_cat
+
+
+def lowrank_sum(a: torch.Tensor, b: torch.Tensor, coeffs: torch.Tensor, factor: float) -> torch.Tensor:
+    """factor * sum_k coeffs[k] A_k B_k^T for stacks A (K, m, r), B (K, n, r), in float32."""
+    a_cat, b_cat = _factors(a, b, coeffs, factor)
     return a_cat @ b_cat.T
 
 
@@ -87,12 +93,26 @@ def apply_update(
     lr: float,
     scaling: str = "mean",
 ) -> None:
-    """Adds delta W to each float32 master weight in place (weights keyed by parameter name)."""
-    for target, delta in matrix_updates(targets, pop, seed, epoch, shaped_fitness, lr, scaling):
+    """Adds delta W to each float32 master weight in place (weights keyed by parameter name).
+
+    addmm_ accumulates straight into the master, so no m x n delta is ever allocated.
+    """
+    for target in targets:
         w = weights[target.param]
         if w.dtype != torch.float32:
             raise TypeError(
                 f"master weight {target.param} is {w.dtype}; keep float32 masters so small ES steps "
                 "are not rounded away"
             )
-        w.add_(delta.to(w.device))
+    coeffs = draw_coefficients(pop, shaped_fitness)
+    factor = update_factor(pop, lr, scaling)
+    active = [k for k in range(coeffs.numel()) if coeffs[k] != 0]
+    if not active:
+        return
+    for target in targets:
+        a, b = stacked_factors(
+            seed, epoch, active, target.layer, target.module, target.out_features, target.in_features, pop.rank
+        )
+        a_cat, b_cat = _factors(a, b, coeffs[active], factor)
+        w = weights[target.param]
+        w.addmm_(a_cat.to(w.device), b_cat.T.to(w.device))

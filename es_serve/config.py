@@ -110,7 +110,9 @@ def _describe(error: dict) -> str:
         return f"unknown key '{key}'; allowed here: {allowed}"
     if error["type"] == "literal_error":
         return f"{key}: {msg} (got {error.get('input')!r})"
-    return f"{key}: {msg} (got {error.get('input')!r})" if "input" in error and error["loc"] else f"{key}: {msg}"
+    if "input" in error and not isinstance(error["input"], dict) and error["loc"]:
+        return f"{key}: {msg} (got {error['input']!r})"
+    return msg if msg.startswith(f"{key}.") else f"{key}: {msg}"
 
 
 def _section_of(loc) -> type[BaseModel] | None:

@@ -21,7 +21,6 @@ def build_engine(config: Config, model_dir: Path):
         import torch
 
         from .dense import DenseEngine
-
         from .sizing import resolve_dtype
 
         dtype = getattr(torch, resolve_dtype(config.model.dtype))

@@ -14,6 +14,7 @@ Every method is called by name through `LLM.collective_rpc` and takes and return
 from __future__ import annotations
 
 import hashlib
+import logging
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
@@ -64,6 +65,10 @@ class ESWorkerExtension:
         self._es_master = read_safetensors(model_dir, lambda n: n in trained or n in companions)
         self._es_cache: dict[str, dict[str, torch.Tensor]] = {}
         self._es_cache_epoch = None
+        # A partial reload is the point here: norms and embeddings are frozen, so vLLM's per-merge
+        # warnings that they were "not loaded" are expected and would flood the log.
+        for name in ("layerwise", "inplace"):
+            logging.getLogger(f"vllm.model_executor.model_loader.reload.{name}").setLevel(logging.ERROR)
         manager = self.model_runner.lora_manager
         if not hasattr(manager, "_es_original_load"):
             manager._es_original_load = manager._load_adapter

@@ -102,12 +102,12 @@ def _train(args) -> int:
     try:
         config, out = _load(args)
         from es_serve.models import resolve_model
-
         from rewards import get_task, load_reward
 
-        model_dir = resolve_model(config.model.name)
+        # Cheap checks first: a typo in the task should not wait for a model conversion.
         task = get_task(config.task.name, seed=config.task.seed)
         reward = load_reward(config.reward.fn or task.default_reward, weights=config.reward.weights)
+        model_dir = resolve_model(config.model.name)
     except ConfigError as exc:
         return _fail(str(exc))
 

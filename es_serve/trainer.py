@@ -65,6 +65,11 @@ class Trainer:
             self.run.create(self.config)
             return 0
         step = self.run.repair()
+        logged = {m.get("step") for m in self.run.metrics()}
+        for entry in self.run.replay():
+            if entry["step"] not in logged:
+                # Killed between the commit and its metrics line: the replay log holds the rewards.
+                self.run.log_metrics(_metrics_from_replay(entry))
         if step:
             ckpt_step, path = self.run.latest_checkpoint(at_most=step)
             weights = self.run.load_checkpoint(path) if path else self.engine.state_dict()
@@ -161,6 +166,16 @@ class Trainer:
             if on_step:
                 on_step(report)
         return self.run.metrics()
+
+
+def _metrics_from_replay(entry: dict) -> dict:
+    values = torch.tensor([x for row in entry["rewards"] for x in row if x is not None], dtype=torch.float64)
+    return {
+        "step": entry["step"],
+        "reward_mean": float(values.mean()) if values.numel() else None,
+        "reward_std": float(values.std(unbiased=False)) if values.numel() else None,
+        "recovered_from_replay": True,
+    }
 
 
 def _json_float(x: float):

@@ -168,6 +168,35 @@ class Trainer:
         return self.run.metrics()
 
 
+def eval_gain(metrics: list[dict]) -> dict | None:
+    """Last eval against the first on the same held-out prompts, with the paired standard error.
+
+    Pairing by prompt removes prompt difficulty from the noise, so the gain is judged against
+    the spread of per-prompt changes rather than the spread of rewards.
+    """
+    evals = [m for m in metrics if m.get("eval_per_prompt")]
+    if len(evals) < 2:
+        return None
+    first, last = evals[0], evals[-1]
+    pairs = [
+        (b - a)
+        for a, b in zip(first["eval_per_prompt"], last["eval_per_prompt"], strict=False)
+        if a is not None and b is not None
+    ]
+    if len(pairs) < 2:
+        return None
+    d = torch.tensor(pairs, dtype=torch.float64)
+    return {
+        "first_step": first["step"],
+        "last_step": last["step"],
+        "first": first["eval_reward"],
+        "last": last["eval_reward"],
+        "gain": float(d.mean()),
+        "paired_stderr": float(d.std(unbiased=True) / math.sqrt(len(pairs))),
+        "prompts": len(pairs),
+    }
+
+
 def _metrics_from_replay(entry: dict) -> dict:
     values = torch.tensor([x for row in entry["rewards"] for x in row if x is not None], dtype=torch.float64)
     return {

@@ -113,7 +113,7 @@ def _train(args) -> int:
 
     from es_serve.engines import build_engine
     from es_serve.plot import plot_metrics
-    from es_serve.trainer import Trainer
+    from es_serve.trainer import Trainer, eval_gain
 
     print(f"es-serve: model {config.model.name} ({model_dir}), task {config.task.name}, run directory {out}")
     engine = build_engine(config, model_dir)
@@ -136,14 +136,14 @@ def _train(args) -> int:
 
     trainer.train(resume=bool(args.resume), on_step=on_step)
     bar.close()
-    metrics = trainer.run.metrics()
-    evals = [m for m in metrics if m.get("eval_reward") is not None]
-    if evals:
-        first, last = evals[0], evals[-1]
+    gain = eval_gain(trainer.run.metrics())
+    if gain:
         print(
-            f"es-serve: eval reward {first['eval_reward']:.3f} at step {first['step']} -> "
-            f"{last['eval_reward']:.3f} at step {last['step']} (held-out, greedy); run in {out}"
+            f"es-serve: held-out eval reward {gain['first']:.3f} at step {gain['first_step']} -> "
+            f"{gain['last']:.3f} at step {gain['last_step']}: {gain['gain']:+.3f} "
+            f"(paired s.e. {gain['paired_stderr']:.3f} over {gain['prompts']} prompts)"
         )
+    print(f"es-serve: run directory {out} (metrics.jsonl, reward_curve.png, checkpoints/)")
     return 0
 
 

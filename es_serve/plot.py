@@ -20,7 +20,14 @@ def plot_metrics(metrics: list[dict], path: Path, title: str = "") -> None:
     ]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     if train:
-        ax.plot(*zip(*train, strict=True), label="population mean reward", color="#7a9cc6", lw=1.2)
+        steps, values = zip(*train, strict=True)
+        ax.plot(steps, values, label="population mean reward", color="#7a9cc6", lw=0.8, alpha=0.6)
+        window = 5
+        if len(values) >= window:
+            smooth = [sum(values[i - window + 1 : i + 1]) / window for i in range(window - 1, len(values))]
+            ax.plot(
+                steps[window - 1 :], smooth, label=f"population mean, {window}-step average", color="#1f4e8c", lw=1.6
+            )
     if evals:
         steps, values, errs = zip(*evals, strict=True)
         ax.errorbar(

@@ -36,7 +36,7 @@ class VLLMEngine:
         # In-process engine: collective_rpc then calls the worker directly, and a crash surfaces
         # here as a Python exception instead of a dead subprocess.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # its per-step CPU warnings drown the progress bar
         from transformers import AutoTokenizer
         from vllm import LLM
 

@@ -58,7 +58,9 @@ def test_apply_update_adds_in_place_to_float32_masters():
     apply_update(weights, TARGETS, pop, 1, 0, shaped, 0.1)
     for t in TARGETS:
         ref = _dense_reference(pop, 1, 0, shaped, 0.1, "mean", t)
-        torch.testing.assert_close((weights[t.param] - before[t.param]).double(), ref, rtol=1e-4, atol=1e-7)
+        # W + delta - W in float32 is exact only to float32 rounding of W (|W| ~ 3, so ~4e-7).
+        torch.testing.assert_close((weights[t.param] - before[t.param]).double(), ref, rtol=1e-4, atol=1e-6)
+        assert ref.abs().max() > 1e-3
     with pytest.raises(TypeError, match="float32 masters"):
         apply_update({k: v.half() for k, v in weights.items()}, TARGETS, pop, 1, 0, shaped, 0.1)
 

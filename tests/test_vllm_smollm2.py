@@ -27,7 +27,9 @@ def engines(smollm2):
     engine = VLLMEngine(smollm2, POP, 2, GREEDY.max_tokens, dtype="float32", memory_fraction=0.2)
     dense = DenseEngine(smollm2, dtype=torch.float64)
     prompts = [
-        dense.tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+        dense.tokenizer.apply_chat_template(
+            [{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True
+        )
         for q in ("What is 2+3?", "Name a colour.")
     ]
     yield engine, dense, prompts

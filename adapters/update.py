@@ -60,7 +60,7 @@ def lowrank_sum(a: torch.Tensor, b: torch.Tensor, coeffs: torch.Tensor, factor: 
     return a_cat @ b_cat.T
 
 
-def matrix_updates(
+def update_factors(
     targets: Sequence[Target],
     pop: Population,
     seed: int,
@@ -68,19 +68,31 @@ def matrix_updates(
     shaped_fitness,
     lr: float,
     scaling: str = "mean",
-) -> Iterator[tuple[Target, torch.Tensor]]:
-    """(target, delta W) for every target, one at a time so only one m x n delta is ever alive."""
+) -> Iterator[tuple[Target, torch.Tensor | None, torch.Tensor | None]]:
+    """(target, A diag(c) factor, B) per target, so delta W = first @ second^T; (target, None, None)
+    when every coefficient is zero (all-equal fitness)."""
     coeffs = draw_coefficients(pop, shaped_fitness)
     factor = update_factor(pop, lr, scaling)
     active = [k for k in range(coeffs.numel()) if coeffs[k] != 0]
     for target in targets:
         if not active:
-            yield target, torch.zeros(target.out_features, target.in_features)
+            yield target, None, None
             continue
         a, b = stacked_factors(
             seed, epoch, active, target.layer, target.module, target.out_features, target.in_features, pop.rank
         )
-        yield target, lowrank_sum(a, b, coeffs[active], factor)
+        yield target, *_factors(a, b, coeffs[active], factor)
+
+
+def matrix_updates(
+    targets, pop, seed, epoch, shaped_fitness, lr, scaling="mean"
+) -> Iterator[tuple[Target, torch.Tensor]]:
+    """(target, delta W) for every target, one at a time so only one m x n delta is ever alive."""
+    for target, a_cat, b_cat in update_factors(targets, pop, seed, epoch, shaped_fitness, lr, scaling):
+        if a_cat is None:
+            yield target, torch.zeros(target.out_features, target.in_features)
+        else:
+            yield target, a_cat @ b_cat.T
 
 
 def apply_update(
@@ -104,15 +116,7 @@ def apply_update(
                 f"master weight {target.param} is {w.dtype}; keep float32 masters so small ES steps "
                 "are not rounded away"
             )
-    coeffs = draw_coefficients(pop, shaped_fitness)
-    factor = update_factor(pop, lr, scaling)
-    active = [k for k in range(coeffs.numel()) if coeffs[k] != 0]
-    if not active:
-        return
-    for target in targets:
-        a, b = stacked_factors(
-            seed, epoch, active, target.layer, target.module, target.out_features, target.in_features, pop.rank
-        )
-        a_cat, b_cat = _factors(a, b, coeffs[active], factor)
-        w = weights[target.param]
-        w.addmm_(a_cat.to(w.device), b_cat.T.to(w.device))
+    for target, a_cat, b_cat in update_factors(targets, pop, seed, epoch, shaped_fitness, lr, scaling):
+        if a_cat is not None:
+            w = weights[target.param]
+            w.addmm_(a_cat.to(w.device), b_cat.T.to(w.device))

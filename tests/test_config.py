@@ -42,3 +42,12 @@ def test_missing_file_and_bad_toml(tmp_path):
     bad.write_text("[es\npopulation=")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(bad)
+
+
+def test_shipped_launch_configs_are_valid():
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).parents[1] / "launch" / "configs").glob("*.toml"))
+    assert configs
+    for path in configs:
+        load_config(path)

@@ -52,7 +52,8 @@ class ESWorkerExtension:
     def es_setup(self, modules: list[str]) -> list[tuple[str, int, int, int]]:
         """Reads the trained matrices' masters and routes `es://` adapters to the seed loader."""
         model_dir = Path(self.model_runner.model_config.model)
-        targets = find_targets(read_safetensors(model_dir, lambda n: ".layers." in n), modules)
+        layers = read_safetensors(model_dir, lambda n: ".layers." in n)
+        targets = find_targets(layers, modules)
         trained = {t.param for t in targets}
         # Untrained shards of a fused layer ride along unchanged so a reload always sees whole layers.
         companions = set()
@@ -62,7 +63,7 @@ class ESWorkerExtension:
                 prefix = t.param.rsplit(".", 2)[0]
                 companions.update(f"{prefix}.{shard}.weight" for shard in SHARDS[group])
         self._es_targets = targets
-        self._es_master = read_safetensors(model_dir, lambda n: n in trained or n in companions)
+        self._es_master = {n: w for n, w in layers.items() if n in trained or n in companions}
         self._es_cache: dict[str, dict[str, torch.Tensor]] = {}
         self._es_cache_epoch = None
         # A partial reload is the point here: norms and embeddings are frozen, so vLLM's per-merge

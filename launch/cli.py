@@ -33,6 +33,22 @@ def _parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="write a run's trained model as a Hugging Face directory")
     export.add_argument("run_dir")
     export.add_argument("out_dir")
+
+    serve = sub.add_parser("serve", help="the training server: jobs API, live metrics, OpenAI-style completions")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument(
+        "--api-key", default=os.environ.get("ES_SERVE_API_KEY"), help="require 'Authorization: Bearer KEY'"
+    )
+    serve.add_argument("--runs", default="runs", help="directory of job records and run directories")
+    serve.add_argument("--rewards-dir", help="directory whose .py files jobs may name as reward.fn=file.py:function")
+    serve.add_argument(
+        "--engine",
+        choices=("vllm", "dense"),
+        default="vllm",
+        help="engine for completions on a model no job has loaded yet",
+    )
+    serve.add_argument("--max-tokens", type=int, default=1024, help="cap on generated tokens per completion")
     return parser
 
 
@@ -46,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
             return _models()
         if args.command == "export":
             return _export(args)
+        if args.command == "serve":
+            return _serve(args)
     except USER_ERRORS as exc:
         if os.environ.get("ES_SERVE_DEBUG"):
             raise
@@ -68,6 +86,30 @@ def _export(args) -> int:
     out = export_run(Path(args.run_dir), Path(args.out_dir))
     print(f"exported {args.run_dir} to {out}")
     return 0
+
+
+def _serve(args) -> int:
+    from es_serve.server import ServerSettings, serve
+
+    if not 0 < args.port < 65536:
+        raise ValueError(f"--port must be between 1 and 65535, got {args.port}")
+    if args.rewards_dir and not Path(args.rewards_dir).is_dir():
+        raise FileNotFoundError(f"--rewards-dir {args.rewards_dir} is not a directory")
+    if args.max_tokens < 1:
+        raise ValueError(f"--max-tokens must be at least 1, got {args.max_tokens}")
+    settings = ServerSettings(
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key or None,
+        runs=Path(args.runs),
+        rewards_dir=Path(args.rewards_dir) if args.rewards_dir else None,
+        engine=args.engine,
+        max_tokens=args.max_tokens,
+    )
+    try:
+        return serve(settings)
+    except OSError as exc:
+        raise ValueError(str(exc)) from None
 
 
 def _load(args):

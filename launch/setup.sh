@@ -4,6 +4,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# --test: also the system tools the test suite drives (headless Chromium renders the dashboard).
+with_test_tools=0
+for arg in "$@"; do
+  case "$arg" in
+    --test) with_test_tools=1 ;;
+    *) echo "usage: bash launch/setup.sh [--test]" >&2; exit 2 ;;
+  esac
+done
+
 python=${PYTHON:-python3.11}
 command -v "$python" >/dev/null 2>&1 || python=python3
 if ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
@@ -38,4 +47,16 @@ if ! .venv/bin/python -c 'import vllm, adapters, es_serve' 2>"$log"; then
   tail -5 "$log" >&2
   echo "delete .venv and run launch/setup.sh again" >&2
   exit 1
+fi
+
+if [ "$with_test_tools" = 1 ] && ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
+    sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "the dashboard test needs Debian's chromium package: run 'apt-get install chromium' as root" >&2
+    exit 1
+  fi
+  command -v chromium >/dev/null 2>&1 || { echo "apt-get installed chromium but it is not on PATH" >&2; exit 1; }
 fi

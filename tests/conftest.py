@@ -12,3 +12,62 @@ def tiny_model_dir(tmp_path_factory):
     from es_serve.tiny_model import build_tiny_llama
 
     return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+class ServerProcesses:
+    """`es-serve serve` subprocesses on loopback, each killed at teardown whatever the test did."""
+
+    def __init__(self, log_dir):
+        self.log_dir, self.procs = log_dir, []
+
+    def start(self, runs, *args, env=None, timeout=120):
+        import socket
+        import subprocess
+        import sys
+        import time
+        from pathlib import Path
+
+        import httpx
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        log = Path(self.log_dir) / f"server-{len(self.procs)}.log"
+        cmd = [sys.executable, "-m", "launch.cli", "serve", "--port", str(port), "--runs", str(runs), *args]
+        with open(log, "w") as out:
+            proc = subprocess.Popen(
+                cmd, cwd=Path(__file__).resolve().parents[1], env=env, stdout=out, stderr=subprocess.STDOUT
+            )
+        proc.url, proc.log = f"http://127.0.0.1:{port}", log
+        self.procs.append(proc)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if proc.poll() is not None:
+                raise AssertionError(f"the server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                if httpx.get(proc.url + "/health", timeout=2).status_code == 200:
+                    return proc
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise AssertionError(f"the server did not answer /health within {timeout} s:\n{log.read_text()[-3000:]}")
+
+    def close(self):
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def servers(tmp_path):
+    procs = ServerProcesses(tmp_path)
+    yield procs
+    procs.close()
+
+
+@pytest.fixture(scope="module")
+def module_servers(tmp_path_factory):
+    procs = ServerProcesses(tmp_path_factory.mktemp("server-logs"))
+    yield procs
+    procs.close()

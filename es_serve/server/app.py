@@ -1,0 +1,193 @@
+"""The FastAPI application: jobs, events, OpenAI-compatible completions, metrics and the dashboard."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..run_dir import RunDir
+from ..types import Sampling
+from . import metrics as prometheus
+from .batcher import CompletionBatcher
+from .engine_slot import Busy, EngineSlot
+from .events import job_events
+from .inference import Inference, PromptTooLong, UnknownModel
+from .jobs import JobManager, summary
+from .openai_api import ChatRequest, CompletionRequest, chat_response, completion_response
+from .security import Guard
+from .settings import ServerSettings
+from .validation import FieldErrors, parse_job
+
+DASHBOARD = Path(__file__).with_name("dashboard.html")
+
+
+def error(status: int, message: str, kind: str = "invalid_request_error", detail=None) -> JSONResponse:
+    """OpenAI's error shape (the `openai` client reads error.message) plus FastAPI's `detail`."""
+    body = {"error": {"message": message, "type": kind, "code": status}, "detail": detail or message}
+    return JSONResponse(body, status_code=status)
+
+
+def create_app(settings: ServerSettings) -> FastAPI:
+    slot = EngineSlot()
+    manager = JobManager(settings, slot)
+    inference = Inference(slot, manager, settings)
+    batcher = CompletionBatcher(inference.run_group, settings.batch_window_s, settings.max_batch)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        manager.start()
+        batcher.start()
+        try:
+            yield
+        finally:
+            # SIGTERM: the job in progress finishes its step, checkpoints and stays queued for the next start.
+            await asyncio.to_thread(manager.join)
+            await batcher.stop()
+
+    app = FastAPI(title="es-serve", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.settings, app.state.manager, app.state.slot, app.state.batcher = settings, manager, slot, batcher
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError):
+        fields = [".".join(str(p) for p in e["loc"] if p != "body") or "body" for e in exc.errors()]
+        message = "; ".join(f"{f}: {e['msg']}" for f, e in zip(fields, exc.errors(), strict=True))
+        detail = [
+            {"field": f, "loc": list(e["loc"]), "msg": e["msg"]} for f, e in zip(fields, exc.errors(), strict=True)
+        ]
+        return error(422, f"invalid request: {message}", detail=detail)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        return error(exc.status_code, str(exc.detail), "not_found_error" if exc.status_code == 404 else "error")
+
+    # -- service --------------------------------------------------------------------------------
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "running": manager.current, "queue_length": manager.queue_length()}
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def metrics():
+        text = await asyncio.to_thread(prometheus.render, manager, batcher.stats)
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+
+    @app.get("/", response_class=HTMLResponse)
+    async def dashboard():
+        return HTMLResponse(DASHBOARD.read_text())
+
+    # -- jobs -----------------------------------------------------------------------------------
+    @app.post("/v1/jobs", status_code=201)
+    async def submit(request: Request):
+        try:
+            body = json.loads(await request.body() or b"null")
+        except ValueError as exc:
+            return error(422, f"the body is not JSON: {exc}", detail=[{"field": "body", "msg": str(exc)}])
+        try:
+            config = await asyncio.to_thread(parse_job, body, settings)
+        except FieldErrors as exc:
+            return error(422, f"invalid job: {exc}", detail=exc.detail())
+        try:
+            job = manager.submit(config)
+        except RuntimeError as exc:
+            return error(503, str(exc), "unavailable")
+        return JSONResponse(manager.get(job["id"]), status_code=201)
+
+    @app.get("/v1/jobs")
+    async def list_jobs():
+        return {"object": "list", "data": manager.jobs()}
+
+    def _job(job_id: str):
+        job = manager.get(job_id)
+        if job is None:
+            return None, error(404, f"no job {job_id!r}; GET /v1/jobs lists them", "not_found_error")
+        return job, None
+
+    @app.get("/v1/jobs/{job_id}")
+    async def get_job(job_id: str):
+        job, err = _job(job_id)
+        return err or job
+
+    @app.get("/v1/jobs/{job_id}/metrics")
+    async def job_metrics(job_id: str):
+        job, err = _job(job_id)
+        if err:
+            return err
+        records = await asyncio.to_thread(RunDir(job["run_dir"]).metrics)
+        return {"object": "list", "job": job_id, "data": [summary(r) for r in records]}
+
+    @app.get("/v1/jobs/{job_id}/events")
+    async def events(job_id: str, request: Request, after: int = -1):
+        job, err = _job(job_id)
+        if err:
+            return err
+        last_id = request.headers.get("last-event-id", "")
+        if last_id.isdigit():
+            after = int(last_id)
+        return StreamingResponse(
+            job_events(manager, job_id, after),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    @app.post("/v1/jobs/{job_id}/cancel")
+    async def cancel(job_id: str):
+        job, err = _job(job_id)
+        return err or manager.cancel(job_id)
+
+    # -- inference ------------------------------------------------------------------------------
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": inference.models()}
+
+    async def _complete(req, prompts: list, render):
+        max_tokens = getattr(req, "max_completion_tokens", None) or req.max_tokens or 16
+        if max_tokens > settings.max_tokens:
+            return error(422, f"max_tokens: at most {settings.max_tokens} on this server, got {max_tokens}")
+        if req.n > settings.max_n:
+            return error(422, f"n: at most {settings.max_n} on this server, got {req.n}")
+        if len(prompts) * req.n > settings.max_prompts:
+            return error(422, f"prompt: at most {settings.max_prompts} prompts x n per request")
+        too_long = [i for i, p in enumerate(prompts) if _chars(p) > settings.max_prompt_chars]
+        if too_long:
+            return error(422, f"prompt {too_long[0]}: longer than {settings.max_prompt_chars} characters")
+        try:
+            target = inference.resolve(req.model)
+        except UnknownModel as exc:
+            return error(404, str(exc), "not_found_error")
+        sampling = Sampling(max_tokens, req.temperature, req.top_p, req.seed or 0)
+        # n choices per prompt: the prompt repeated, each copy with its own per-position seed.
+        repeated = [p for p in prompts for _ in range(req.n)]
+        try:
+            completions, prompt_tokens = await batcher.submit(
+                target, repeated, sampling, own_seed=req.seed is not None and req.temperature > 0
+            )
+        except Busy as exc:
+            return error(409, str(exc), "conflict")
+        except PromptTooLong as exc:
+            return error(400, str(exc))
+        return render(req.model or target, completions, prompt_tokens // max(req.n, 1), max_tokens)
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest):
+        prompts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
+        if not prompts:
+            return error(422, "prompt: give at least one prompt")
+        return await _complete(req, prompts, completion_response)
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatRequest):
+        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        return await _complete(req, [messages], chat_response)
+
+    app.add_middleware(Guard, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes)
+    return app
+
+
+def _chars(prompt) -> int:
+    return len(prompt) if isinstance(prompt, str) else sum(len(m["content"]) for m in prompt)

@@ -12,6 +12,7 @@ _EXPORTS = {
     "load_config": "config",
     "DenseEngine": "dense",
     "VLLMEngine": "vllm_engine",
+    "RayEngine": "ray_engine",
     "export_run": "export",
     "trained_weights": "export",
     "KNOWN_MODELS": "models",

@@ -79,8 +79,13 @@ class TrainConfig(_Section):
 class EngineConfig(_Section):
     kind: Literal["vllm", "dense"] = "vllm"
     memory_fraction: float = Field(0.3, gt=0, lt=1)
-    ray_address: str | None = None
-    replicas: int = Field(1, ge=1)
+    ray_address: str | None = Field(
+        None, description="'auto' (a cluster from `ray start`), 'local' (a private one here) or host:port"
+    )
+    replicas: int = Field(1, ge=1, description="engines, each a Ray actor evaluating a slice of the population")
+    checksum_every: int = Field(5, ge=0, description="steps between weight checksum comparisons (0: never)")
+    replica_cpus: float = Field(1.0, gt=0, description="Ray CPUs reserved per replica")
+    replica_gpus: float | None = Field(None, ge=0, description="Ray GPUs per replica; default 1 for vllm on GPUs")
 
 
 class Config(_Section):

@@ -111,6 +111,15 @@ class DenseEngine:
         tokens = sum(len(c.token_ids) for row in completions for c in row)
         return PopulationResult(completions, time.perf_counter() - start, tokens)
 
+    def generate_members(
+        self, members: Sequence[tuple[Generation, int]], prompts: Sequence[str], sampling: Sampling
+    ) -> PopulationResult:
+        """Any subset of members (of any generations) on the same prompts; rows in the order given."""
+        start = time.perf_counter()
+        completions = [self.generate(prompts, sampling, gen, i) for gen, i in members]
+        tokens = sum(len(c.token_ids) for row in completions for c in row)
+        return PopulationResult(completions, time.perf_counter() - start, tokens)
+
     def apply_update(self, gen: Generation, shaped_fitness, lr: float, scaling: str = "mean") -> None:
         apply_update(self.master, self.targets, gen.population, gen.seed, gen.epoch, shaped_fitness, lr, scaling)
         self._sync()

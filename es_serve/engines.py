@@ -1,4 +1,4 @@
-"""Builds the configured engine for a run."""
+"""Builds the configured engine for a run: one in this process, or replicas on a Ray cluster."""
 
 from __future__ import annotations
 
@@ -9,14 +9,22 @@ from adapters import Population
 from .config import Config
 
 
+def uses_ray(config: Config) -> bool:
+    return config.engine.replicas > 1 or bool(config.engine.ray_address)
+
+
 def build_engine(config: Config, model_dir: Path):
+    if uses_ray(config):
+        from .ray_engine import RayEngine
+
+        return RayEngine(config, model_dir)
+    return build_local_engine(config, model_dir)
+
+
+def build_local_engine(config: Config, model_dir: Path):
+    """The engine of one process; a Ray replica builds its engine with this too."""
     es = config.es
     pop = Population(es.population, es.rank, es.sigma, es.antithetic)
-    if config.engine.replicas > 1 or config.engine.ray_address:
-        raise NotImplementedError(
-            "engine.replicas > 1 and engine.ray_address need the Ray engine, which is not part of this "
-            "release; run with one engine"
-        )
     if config.engine.kind == "dense":
         import torch
 

@@ -40,6 +40,9 @@ class Trainer:
         self.eval_sampling = Sampling(gen_cfg.max_tokens, 0.0, 1.0, es.seed)
         self.step = 0
         self.stop_requested = False
+        # A multi-replica engine restores replicas that join later from this run's checkpoints.
+        if hasattr(engine, "attach_run"):
+            engine.attach_run(self.run)
 
     # -- prompts ------------------------------------------------------------------------------
     def render(self, row: dict) -> str:
@@ -132,6 +135,7 @@ class Trainer:
             self.run.save_checkpoint(step, self.engine.state_dict())
         if step % self.config.train.eval_every == 0 or step == self.config.train.steps:
             record.update(self.evaluate())
+        record.update(getattr(self.engine, "traffic", None) or {})  # bytes between driver and replicas
         record["step_seconds"] = time.perf_counter() - started
         self.run.log_metrics(record)
         return StepReport(step, record)

@@ -1,0 +1,119 @@
+"""One engine inside a Ray actor: a replica of the model that evaluates whatever members it is given.
+
+A replica loads the model from its own disk and never receives weights in normal operation: the ES
+update arrives as the generation's seed and epoch plus the N shaped fitness values, and the replica
+rebuilds the same low-rank factors from the seed as every other replica does. Weights travel only to
+resynchronise a replica whose checksum disagrees, or to bootstrap one that joins a running job.
+
+Methods take and return plain values (lists, dicts, small dataclasses), so what crosses the network
+is exactly what the driver measures.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+
+from adapters import Population
+
+from .types import Generation, PopulationResult, Sampling
+
+
+def weights_checksum(weights: dict[str, torch.Tensor]) -> str:
+    """sha256 over the float32 trained matrices in name order; equal only if bitwise equal.
+
+    One definition for every engine kind, so the driver can also compute it from a checkpoint.
+    """
+    digest = hashlib.sha256()
+    for name in sorted(weights):
+        digest.update(name.encode())
+        digest.update(weights[name].detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def population_of(spec: tuple) -> Population:
+    size, rank, sigma, antithetic = spec
+    return Population(size, rank, sigma, antithetic)
+
+
+class Replica:
+    """Wrapped with `ray.remote` by the driver; each instance owns one engine (vLLM or dense)."""
+
+    def __init__(self, config: dict, model_dir: str):
+        from .config import validate
+        from .engines import build_local_engine
+
+        self.config = validate(config)
+        path = Path(model_dir)
+        if not (path / "config.json").is_file():
+            # Another node: the driver's path does not exist here, so resolve the model name locally
+            # (known names are fetched or converted into this node's cache).
+            from .models import resolve_model
+
+            path = resolve_model(self.config.model.name)
+        self.engine = build_local_engine(self.config, path)
+        self._crash_at_step: int | None = None
+
+    def info(self) -> dict:
+        import socket
+
+        return {
+            "targets": list(self.engine.targets),
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+        }
+
+    # -- generation ---------------------------------------------------------------------------
+    def generate_members(
+        self, gen: Generation, members: list[int], prompts: list[str], sampling: Sampling
+    ) -> PopulationResult:
+        if self._crash_at_step is not None and gen.step == self._crash_at_step:
+            os._exit(1)  # test hook: a replica lost in the middle of a step
+        return self.engine.generate_members([(gen, i) for i in members], prompts, sampling)
+
+    def generate(self, prompts: list[str], sampling: Sampling, gen: Generation | None, member: int | None):
+        return self.engine.generate(prompts, sampling, gen, member)
+
+    # -- weights ------------------------------------------------------------------------------
+    def apply_update(
+        self, seed: int, epoch: int, step: int, pop: tuple, shaped: list[float], lr: float, scaling: str, check: bool
+    ) -> str | None:
+        gen = Generation(population_of(pop), seed, epoch, step)
+        self.engine.apply_update(gen, shaped, lr, scaling)
+        return self.checksum() if check else None
+
+    def checksum(self) -> str:
+        return weights_checksum(self.engine.state_dict())
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.engine.state_dict()
+
+    def load_state_dict(self, weights: dict[str, torch.Tensor]) -> str:
+        self.engine.load_state_dict(weights)
+        return self.checksum()
+
+    def restore(self, checkpoint: dict[str, torch.Tensor] | None, entries: list[dict]) -> str:
+        """Base model (already loaded), then the checkpoint if any, then the replay log after it."""
+        from .weights import replay_updates
+
+        weights = self.engine.state_dict()
+        if checkpoint:
+            weights.update({k: v.to(torch.float32) for k, v in checkpoint.items()})
+        if entries:
+            replay_updates(weights, self.engine.targets, entries, after=-1, upto=max(e["step"] for e in entries))
+        return self.load_state_dict(weights)
+
+    # -- test hooks ---------------------------------------------------------------------------
+    def crash_at_step(self, step: int | None) -> None:
+        """Makes the process exit when asked to generate for `step` (fault-injection in tests)."""
+        self._crash_at_step = step
+
+    def corrupt(self, scale: float = 1e-3) -> str:
+        """Nudges one trained matrix, as a silent divergence would (checksum tests)."""
+        weights = self.engine.state_dict()
+        name = sorted(weights)[0]
+        weights[name] = weights[name] + scale
+        return self.load_state_dict(weights)

@@ -32,6 +32,7 @@ class VLLMEngine:
         max_model_len: int = 512,
         memory_fraction: float = 0.5,
         seed: int = 0,
+        lora_kernel: str = "es",
     ):
         # In-process engine: collective_rpc then calls the worker directly, and a crash surfaces
         # here as a Python exception instead of a dead subprocess.
@@ -63,7 +64,10 @@ class VLLMEngine:
             max_num_seqs=self.plan.max_num_seqs,
             worker_extension_cls=worker_extension_name(),
         )
-        rows = self._rpc("es_setup", list(modules))
+        if lora_kernel not in ("es", "vllm"):
+            raise ValueError(f"lora_kernel must be 'es' or 'vllm', got {lora_kernel!r}")
+        rows = self._rpc("es_setup", list(modules), lora_kernel)
+        self.lora_kernel = self._rpc("es_kernel")
         self.targets = [Target(layer, param.split(".")[-2], m, n, param) for param, layer, m, n in rows]
         self._lora_ids: dict[str, int] = {}
 

@@ -49,8 +49,12 @@ def parse_member_path(path: str) -> tuple[int, int, int, Population]:
 class ESWorkerExtension:
     """Mixed into vLLM's Worker class; `self` is the worker."""
 
-    def es_setup(self, modules: list[str]) -> list[tuple[str, int, int, int]]:
-        """Reads the trained matrices' masters and routes `es://` adapters to the seed loader."""
+    def es_setup(self, modules: list[str], kernel: str = "es") -> list[tuple[str, int, int, int]]:
+        """Reads the trained matrices' masters and routes `es://` adapters to the seed loader.
+
+        kernel="es" swaps in the member kernel (member_kernel.py) for the LoRA term on CPU;
+        "vllm" keeps vLLM's own ops (the baseline the benchmark compares against).
+        """
         model_dir = Path(self.model_runner.model_config.model)
         layers = read_safetensors(model_dir, lambda n: ".layers." in n)
         targets = find_targets(layers, modules)
@@ -74,6 +78,12 @@ class ESWorkerExtension:
         if not hasattr(manager, "_es_original_load"):
             manager._es_original_load = manager._load_adapter
         manager._load_adapter = self._es_load_adapter
+        self._es_kernel = False
+        if kernel == "es":
+            from .member_kernel import install
+
+            wrappers = manager._adapter_manager.punica_wrapper_mapping.values()
+            self._es_kernel = all([install(w) for w in wrappers])
         return [(t.param, t.layer, t.out_features, t.in_features) for t in targets]
 
     def _es_load_adapter(self, request):
@@ -122,6 +132,14 @@ class ESWorkerExtension:
     def es_get_weights(self) -> dict[str, torch.Tensor]:
         trained = {t.param for t in self._es_targets}
         return {k: v.clone() for k, v in self._es_master.items() if k in trained}
+
+    def es_kernel(self) -> str:
+        """Which LoRA path serves members: "es" (member kernel) or "vllm"."""
+        from .member_kernel import load_error
+
+        if not self._es_kernel:
+            return "vllm"
+        return "es" if load_error() is None else "es-torch"
 
     def es_checksum(self) -> str:
         digest = hashlib.sha256()

@@ -103,3 +103,30 @@ def test_load_state_dict_round_trip(engines):
     assert [c.token_ids for c in engine.generate(PROMPTS, GREEDY)] == [
         c.token_ids for c in dense.generate(PROMPTS, GREEDY)
     ]
+
+
+def test_member_kernel_serves_the_members(engines):
+    engine, _ = engines
+    # The population tests above ran through it; "vllm" or "es-torch" here would mean a silent fallback.
+    assert engine.lora_kernel == "es"
+
+
+def test_plain_requests_in_a_member_batch_stay_unperturbed(engines):
+    engine, dense = engines
+    gen = Generation(POP, seed=23, epoch=0)
+    members = [engine._lora(gen, i) for i in range(len(PROMPTS))]
+    # Plain and member requests interleaved in one batch: vLLM marks the plain requests' tokens with
+    # slot -1, which the member kernel must skip (a -1 used as an index would read the last slot).
+    loras = [None, members[0], None, members[1], None, members[2], None, members[3]]
+    prompts = [p for p in PROMPTS for _ in range(2)]
+    requests = [{"prompt_token_ids": engine.encode(p)} for p in prompts]
+    params = [engine._params(GREEDY, 0, 0) for _ in prompts]
+    got, _ = engine._run(requests, params, loras)
+    base = [c.token_ids for c in dense.generate(PROMPTS, GREEDY)]
+    for k, completion in enumerate(got):
+        j = k // 2
+        if loras[k] is None:
+            assert completion.token_ids == base[j]
+        else:
+            want = dense.generate([PROMPTS[j]], GREEDY, gen, k // 2)[0].token_ids
+            assert completion.token_ids == want

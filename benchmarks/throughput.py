@@ -1,10 +1,9 @@
-"""Generation throughput of an ES population against pure inference, on the same engine.
+"""`es-serve bench`: ES training throughput as a share of pure inference, beside the peers' ways.
 
-For each population size N: (a) N x P unperturbed requests, no adapter; (b) the same requests with
-N distinct members (fresh adapters every repeat, as a training step without noise reuse has). The
-runs alternate a b a b ... so drift on a noisy machine hits both alike; the ratio is of medians.
+Each (N, r) runs in its own process (benchmarks/case.py says what is measured and how). The ratios
+are of medians over interleaved repeats; the JSON keeps every run so the spread can be read.
 
-    python -m benchmarks.throughput --populations 8 32 128 --prompts 4 --max-tokens 64
+    es-serve bench --population 8 32 --rank 1 --prompts 4 --max-tokens 64 --json benchmarks/results/throughput.json
 """
 
 from __future__ import annotations
@@ -13,43 +12,59 @@ import argparse
 import json
 import os
 import platform
-import statistics
+import subprocess
 import sys
-import time
+import tempfile
 from pathlib import Path
 
-PROMPT_TEXTS = [
-    "Write a short story about a robot learning to paint.",
-    "Explain why the sky is blue in simple words.",
-    "List five fruits and describe their colours.",
-    "What would you pack for a week of hiking in the mountains?",
-    "Describe how a bicycle works.",
-    "Give three tips for learning a new language.",
-    "Why do cats purr? Explain briefly.",
-    "Tell me about the history of the printing press.",
-]
+DEFAULT_JSON = "benchmarks/results/throughput.json"
 
 
-def _median_spread(values: list[float]) -> dict:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": values}
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="es-serve bench", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m", help="known model name or local HF directory")
+    p.add_argument("--population", type=int, nargs="+", default=[8, 32], metavar="N")
+    p.add_argument("--rank", type=int, nargs="+", default=[1], metavar="R")
+    p.add_argument("--prompts", type=int, default=4, metavar="P")
+    p.add_argument("--max-tokens", type=int, default=64, metavar="T")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved repeats per configuration")
+    p.add_argument("--naive-members", type=int, default=4, help="members timed for naive full-rank ES")
+    p.add_argument("--sigma", type=float, default=1e-3)
+    p.add_argument("--memory-fraction", type=float, default=0.15, help="per engine; two engines run per case")
+    p.add_argument("--json", default=DEFAULT_JSON, metavar="OUT.json", help="Markdown and PNG go beside it")
+    return p
 
 
-def measure(engine, population, prompts, sampling, repeats: int, seed: int = 0) -> dict:
-    from es_serve.types import Generation
+def check(args) -> None:
+    bad = [f"--population {n}" for n in args.population if n < 2 or n % 2]
+    bad += [f"--rank {r}" for r in args.rank if not 1 <= r <= 512]
+    if bad:
+        raise ValueError(f"{', '.join(bad)}: populations must be even and >= 2, ranks in 1..512")
+    for name in ("prompts", "max_tokens", "repeats", "naive_members"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
 
-    # Counted per generated token: greedy runs can stop early at EOS, so tokens are counted, not assumed.
-    pure, es = [], []
-    warm = engine.generate_population(Generation(population, seed, 10_000), prompts, sampling)
-    engine.generate(prompts * population.size, sampling)
-    del warm
-    for r in range(repeats):
-        start = time.perf_counter()
-        out = engine.generate(prompts * population.size, sampling)
-        pure.append(sum(len(c.token_ids) for c in out) / (time.perf_counter() - start))
-        result = engine.generate_population(Generation(population, seed, r), prompts, sampling)
-        es.append(result.tokens / result.seconds)
-    p, e = _median_spread(pure), _median_spread(es)
-    return {"pure_tok_s": p, "es_gen_tok_s": e, "ratio_generation": e["median"] / p["median"]}
+
+def table(results: list[dict]) -> str:
+    lines = [
+        "| N | r | pure tok/s | ES generation tok/s | ES step tok/s | ratio gen | ratio step "
+        "| PEFT files step (ratio) | naive full-rank (ratio) | member MiB | peak RSS GiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def cell(s):
+        return f"{s['median']:.0f} ({s['min']:.0f}-{s['max']:.0f})"
+
+    for r in results:
+        base, mem = r["baselines"], r["memory"]
+        lines.append(
+            f"| {r['population']} | {r['rank']} | {cell(r['pure_tok_s'])} | {cell(r['es_gen_tok_s'])} "
+            f"| {cell(r['es_step_tok_s'])} | {r['ratio_generation']:.2f} | {r['ratio_step']:.2f} "
+            f"| {base['peft_files_step_tok_s']['median']:.0f} ({r['ratio_peft_files_step']:.2f}) "
+            f"| {base['naive_full_rank_tok_s']['median']:.0f} ({r['ratio_naive_full_rank']:.2f}) "
+            f"| {mem['member_cache_bytes'] / 2**20:.2f} | {mem['peak_rss_bytes'] / 2**30:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def plot(results: list[dict], path: Path) -> None:
@@ -58,75 +73,87 @@ def plot(results: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ns = [r["population"] for r in results]
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    ax.plot(ns, [r["ratio_generation"] for r in results], marker="o", label="ES generation / pure inference")
+    fig, (ax, mx) = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
+    for rank in sorted({r["rank"] for r in results}):
+        rows = sorted((r for r in results if r["rank"] == rank), key=lambda r: r["population"])
+        ns = [r["population"] for r in rows]
+        tag = f" (r={rank})" if len({r["rank"] for r in results}) > 1 else ""
+        ax.plot(ns, [r["ratio_generation"] for r in rows], marker="o", label=f"es-serve generation{tag}")
+        ax.plot(ns, [r["ratio_step"] for r in rows], marker="s", label=f"es-serve full step{tag}")
+        ax.plot(ns, [r["ratio_peft_files_step"] for r in rows], marker="^", label=f"PEFT files, stock LoRA{tag}")
+        ax.plot(ns, [r["ratio_naive_full_rank"] for r in rows], marker="x", label=f"naive full-rank ES{tag}")
+        mx.plot(ns, [r["memory"]["member_cache_bytes"] / 2**20 for r in rows], marker="o", label=f"member factors{tag}")
+        mx.plot(ns, [r["memory"]["lora_slot_bytes"] / 2**20 for r in rows], marker="s", label=f"vLLM LoRA slots{tag}")
     ax.axhline(1.0, color="grey", lw=0.8)
+    ax.axhline(0.9, color="grey", lw=0.8, ls=":")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("population N")
-    ax.set_ylabel("throughput ratio")
-    ax.set_ylim(0, 1.2)
+    ax.set_ylabel("tokens/s relative to pure inference")
+    ax.set_ylim(0, 1.15)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
+    mx.set_xscale("log", base=2)
+    mx.set_xlabel("population N")
+    mx.set_ylabel("MiB")
+    mx.set_title("memory for members (r (m + n) numbers per matrix each)", fontsize=9)
+    mx.grid(alpha=0.3)
+    mx.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--populations", type=int, nargs="+", default=[8, 32, 128])
-    parser.add_argument("--rank", type=int, default=1)
-    parser.add_argument("--prompts", type=int, default=4)
-    parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--sigma", type=float, default=1e-3)
-    parser.add_argument("--out", default="benchmarks/results")
-    args = parser.parse_args(argv)
-
-    from es_serve.models import resolve_model
-
-    from adapters import Population
-    from es_serve.types import Sampling
-    from es_serve.vllm_engine import VLLMEngine
-
-    model_dir = resolve_model(args.model)
-    prompts = (PROMPT_TEXTS * (args.prompts // len(PROMPT_TEXTS) + 1))[: args.prompts]
-    # Fixed-length outputs: ignore EOS so every configuration generates the same number of tokens.
-    sampling = Sampling(max_tokens=args.max_tokens, ignore_eos=True)
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    check(args)
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
     results = []
-    for n in args.populations:
-        pop = Population(n, args.rank, args.sigma)
-        engine = VLLMEngine(model_dir, pop, len(prompts), args.max_tokens, memory_fraction=0.3)
-        row = {"population": n, "rank": args.rank, "prompts": len(prompts), "max_tokens": args.max_tokens}
-        row.update(measure(engine, pop, prompts, sampling, args.repeats))
-        engine.close()
-        results.append(row)
-        print(
-            f"N={n:4d}  pure {row['pure_tok_s']['median']:7.1f} tok/s  es {row['es_gen_tok_s']['median']:7.1f} tok/s"
-            f"  ratio {row['ratio_generation']:.2f}",
-            flush=True,
-        )
-
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    for rank in args.rank:
+        for n in args.population:
+            with tempfile.TemporaryDirectory() as tmp:
+                spec = {
+                    "model": args.model,
+                    "population": n,
+                    "rank": rank,
+                    "prompts": args.prompts,
+                    "max_tokens": args.max_tokens,
+                    "repeats": args.repeats,
+                    "naive_members": args.naive_members,
+                    "sigma": args.sigma,
+                    "memory_fraction": args.memory_fraction,
+                    "out": f"{tmp}/case.json",
+                }
+                print(f"es-serve bench: N={n} r={rank} ...", file=sys.stderr, flush=True)
+                proc = subprocess.run([sys.executable, "-m", "benchmarks.case", json.dumps(spec)])
+                if proc.returncode != 0:
+                    raise RuntimeError(f"benchmark case N={n} r={rank} failed (exit {proc.returncode}); see above")
+                row = json.loads(Path(spec["out"]).read_text())
+            results.append(row)
+            print(
+                f"N={n} r={rank}: ratio_generation {row['ratio_generation']:.2f}  ratio_step {row['ratio_step']:.2f}"
+                f"  peft files {row['ratio_peft_files_step']:.2f}  naive {row['ratio_naive_full_rank']:.2f}",
+                flush=True,
+            )
+    # The top-level figures are the issue's configuration (N = 32, r = 1) when it was measured.
+    first = next((r for r in results if r["population"] == 32 and r["rank"] == 1), results[0])
     meta = {
         "model": args.model,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-        "command": " ".join(["python -m benchmarks.throughput", *sys.argv[1:]]),
-        "repeats": args.repeats,
+        "command": " ".join(["es-serve bench", *(argv if argv is not None else sys.argv[1:])]),
+        "kernel": first["kernel"],
     }
-    (out / "throughput.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
-    plot(results, out / "throughput.png")
-    print("\n| N | pure tok/s (median, min-max) | ES gen tok/s (median, min-max) | ratio |")
-    print("|---|---|---|---|")
-    for r in results:
-        p, e = r["pure_tok_s"], r["es_gen_tok_s"]
-        print(
-            f"| {r['population']} | {p['median']:.0f} ({p['min']:.0f}-{p['max']:.0f}) | "
-            f"{e['median']:.0f} ({e['min']:.0f}-{e['max']:.0f}) | {r['ratio_generation']:.2f} |"
-        )
+    summary = {k: first[k] for k in ("pure_tok_s", "es_gen_tok_s", "es_step_tok_s", "ratio_generation", "ratio_step")}
+    summary["pure_tok_s"] = first["pure_tok_s"]["median"]
+    summary["es_gen_tok_s"] = first["es_gen_tok_s"]["median"]
+    summary["es_step_tok_s"] = first["es_step_tok_s"]["median"]
+    summary["population"], summary["rank"] = first["population"], first["rank"]
+    summary["baselines"] = {name: s["median"] for name, s in first["baselines"].items()}
+    out.write_text(json.dumps({"meta": meta, **summary, "results": results}, indent=2))
+    md = table(results)
+    out.with_suffix(".md").write_text(f"`{meta['command']}` ({meta['machine']})\n\n{md}")
+    plot(results, out.with_suffix(".png"))
+    print("\n" + md)
     return 0
 
 

@@ -68,6 +68,7 @@ class GenerationConfig(_Section):
     max_tokens: int = Field(12, ge=1, le=8192)
     temperature: float = Field(0.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
+    ignore_eos: bool = Field(False, description="generate exactly max_tokens (throughput measurements)")
 
 
 class TrainConfig(_Section):
@@ -78,6 +79,9 @@ class TrainConfig(_Section):
 
 class EngineConfig(_Section):
     kind: Literal["vllm", "dense"] = "vllm"
+    lora_kernel: Literal["es", "vllm"] = Field(
+        "es", description="es: the member kernel for the LoRA term on CPU; vllm: vLLM's own LoRA ops"
+    )
     memory_fraction: float = Field(0.3, gt=0, lt=1)
     ray_address: str | None = Field(
         None, description="'auto' (a cluster from `ray start`), 'local' (a private one here) or host:port"

@@ -45,4 +45,5 @@ def build_local_engine(config: Config, model_dir: Path):
         max_model_len=config.model.max_model_len,
         memory_fraction=config.engine.memory_fraction,
         seed=es.seed,
+        lora_kernel=config.engine.lora_kernel,
     )

@@ -36,7 +36,7 @@ class Trainer:
         es = config.es
         self.population = Population(es.population, es.rank, es.sigma, es.antithetic)
         gen_cfg = config.generation
-        self.sampling = Sampling(gen_cfg.max_tokens, gen_cfg.temperature, gen_cfg.top_p, es.seed)
+        self.sampling = Sampling(gen_cfg.max_tokens, gen_cfg.temperature, gen_cfg.top_p, es.seed, gen_cfg.ignore_eos)
         self.eval_sampling = Sampling(gen_cfg.max_tokens, 0.0, 1.0, es.seed)
         self.step = 0
         self.stop_requested = False

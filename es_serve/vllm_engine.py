@@ -156,6 +156,9 @@ class VLLMEngine:
         self.llm.reset_prefix_cache()
         return checksum
 
+    def memory(self) -> dict:
+        return self._rpc("es_memory")
+
     def checksum(self) -> str:
         return self._rpc("es_checksum")
 

@@ -141,6 +141,17 @@ class ESWorkerExtension:
             return "vllm"
         return "es" if load_error() is None else "es-torch"
 
+    def es_memory(self) -> dict:
+        """Bytes held for members: the seed-built factors cached for this epoch, and vLLM's slots."""
+        cache = sum(t.numel() * t.element_size() for tensors in self._es_cache.values() for t in tensors.values())
+        slots = 0
+        for module in self.model_runner.model.modules():
+            for name in ("lora_a_stacked", "lora_b_stacked"):
+                stacked = getattr(module, name, None)
+                for t in [stacked] if isinstance(stacked, torch.Tensor) else stacked or ():
+                    slots += t.numel() * t.element_size()
+        return {"member_cache_bytes": cache, "members_cached": len(self._es_cache), "lora_slot_bytes": slots}
+
     def es_checksum(self) -> str:
         digest = hashlib.sha256()
         for name in sorted(self._es_master):

@@ -30,6 +30,11 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("models", help="list the known model names")
 
+    bench = sub.add_parser(
+        "bench", add_help=False, help="training throughput against pure inference and the peers' ways (see --help)"
+    )
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
+
     export = sub.add_parser("export", help="write a run's trained model as a Hugging Face directory")
     export.add_argument("run_dir")
     export.add_argument("out_dir")
@@ -53,6 +58,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:
+        # Its options belong to benchmarks/throughput.py; argparse would claim them for this parser.
+        argv = ["bench", "--", *argv[1:]]
     args = _parser().parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
@@ -60,6 +69,11 @@ def main(argv: list[str] | None = None) -> int:
             return _train(args)
         if args.command == "models":
             return _models()
+        if args.command == "bench":
+            from benchmarks.throughput import main as bench
+
+            rest = args.bench_args
+            return bench(rest[1:] if rest[:1] == ["--"] else rest)
         if args.command == "export":
             return _export(args)
         if args.command == "serve":

@@ -1,0 +1,158 @@
+"""One (N, r) configuration of the throughput benchmark, measured in a process of its own.
+
+A fresh process per configuration makes its peak memory its own. Inside it the compared runs
+alternate, a b c d a b c d ..., so drift on a noisy machine hits all of them alike:
+  (a) pure inference: N x P requests, no adapter;
+  (b) es-serve generation: the same requests as N members (fresh adapters every repeat);
+  (c) the full es-serve step (Trainer.train_step: adapters, generation, reward, shaping, merge, log);
+  (d) the official EGGROLL-vLLM way: PEFT files on tmpfs loaded by path, vLLM's own LoRA ops, then
+      the same reward, shaping and merge;
+  (e) naive full-rank ES, one member at a time (timed on a few members: its rate does not depend on N).
+Every request generates exactly max_tokens (EOS ignored), so all rates count the same tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def spread(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": values}
+
+
+def peak_rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def run_case(spec: dict) -> dict:
+    from adapters import Population, shape_fitness
+    from es_serve.config import validate
+    from es_serve.models import resolve_model
+    from es_serve.trainer import Trainer
+    from es_serve.types import Generation, Sampling
+    from es_serve.vllm_engine import VLLMEngine
+    from rewards import get_task, load_reward
+
+    from .peers import PeftFileStep, naive_member
+
+    n, rank, p, tokens = spec["population"], spec["rank"], spec["prompts"], spec["max_tokens"]
+    config = validate(
+        {
+            "model": {"name": spec["model"]},
+            "es": {"population": n, "rank": rank, "sigma": spec["sigma"], "lr": 1e-3},
+            "task": {"name": "arithmetic", "prompts_per_step": p},
+            "generation": {"max_tokens": tokens, "ignore_eos": True},
+            # No evaluation or checkpoint inside the timed steps.
+            "train": {"steps": 1_000_000, "eval_every": 1_000_000, "checkpoint_every": 1_000_000},
+        }
+    )
+    model_dir = resolve_model(spec["model"])
+    pop = Population(n, rank, spec["sigma"])
+    engine = VLLMEngine(model_dir, pop, p, tokens, memory_fraction=spec["memory_fraction"])
+    # vLLM's CPU memory fraction caps the whole process, which already holds the first engine.
+    second = min(0.9, 2 * spec["memory_fraction"])
+    stock = VLLMEngine(model_dir, pop, p, tokens, memory_fraction=second, lora_kernel="vllm")
+    task = get_task("arithmetic")
+    reward = load_reward(task.default_reward)
+    run = tempfile.mkdtemp(prefix="es-bench-run-")
+    trainer = Trainer(config, Path(run) / "run", engine, task, reward)
+    trainer.start(resume=False)
+    rows = task.sample(p, 0)
+    prompts = [trainer.render(r) for r in rows]
+    sampling = Sampling(max_tokens=tokens, ignore_eos=True)
+    peft = PeftFileStep(stock)
+
+    def pure():
+        start = time.perf_counter()
+        out = engine.generate(prompts * n, sampling)
+        return sum(len(c.token_ids) for c in out) / (time.perf_counter() - start)
+
+    def es_generation(epoch):
+        result = engine.generate_population(Generation(pop, 7, epoch), prompts, sampling)
+        return result.tokens / result.seconds
+
+    def es_step():
+        report = trainer.train_step()
+        return report.record["gen_tokens"] / report.record["step_seconds"]
+
+    def peft_step(epoch):
+        start = time.perf_counter()
+        gen = Generation(pop, 7, 100_000 + epoch)
+        completions, count, _, gen_seconds = peft.generate(gen, prompts, sampling)
+        scored = reward.score(prompts, [[c.text for c in row] for row in completions], trainer.columns(rows))
+        shaped = shape_fitness(scored.matrix, "centered", n, valid=scored.valid)
+        stock.apply_update(gen, shaped, 1e-3)
+        return count / (time.perf_counter() - start), count / gen_seconds
+
+    # Warm-up: first calls allocate, compile and fill caches in both engines.
+    short = Sampling(max_tokens=4, ignore_eos=True)
+    engine.generate(prompts, short)
+    engine.generate_population(Generation(pop, 7, 10**6), prompts, short)
+    peft.generate(Generation(pop, 7, 10**6), prompts, short)
+
+    a, b, c, d_step, d_gen = [], [], [], [], []
+    for r in range(spec["repeats"]):
+        a.append(pure())
+        b.append(es_generation(r))
+        c.append(es_step())
+        step_rate, gen_rate = peft_step(r)
+        d_step.append(step_rate)
+        d_gen.append(gen_rate)
+        print(
+            f"  N={n} r={rank} repeat {r + 1}: pure {a[-1]:.0f}  es gen {b[-1]:.0f}  es step {c[-1]:.0f}  "
+            f"peft files step {d_step[-1]:.0f} tok/s",
+            file=sys.stderr,
+            flush=True,
+        )
+    memory = engine.memory()
+
+    naive, members = [], min(n, spec["naive_members"])
+    base = engine.state_dict()
+    for i in range(members):
+        count, seconds = naive_member(engine, base, i, spec["sigma"], prompts, sampling, seed=7)
+        naive.append(count / seconds)
+    del base
+    # No close(): vLLM's shutdown tears down process-wide state that the other engine still uses,
+    # and this process ends here anyway.
+
+    pa, pb, pc = spread(a), spread(b), spread(c)
+    targets = engine.targets
+    per_member = rank * sum(t.out_features + t.in_features for t in targets)
+    return {
+        **{k: spec[k] for k in ("population", "rank", "prompts", "max_tokens", "repeats")},
+        "kernel": engine.lora_kernel,
+        "pure_tok_s": pa,
+        "es_gen_tok_s": pb,
+        "es_step_tok_s": pc,
+        "ratio_generation": pb["median"] / pa["median"],
+        "ratio_step": pc["median"] / pa["median"],
+        "baselines": {
+            "peft_files_step_tok_s": spread(d_step),
+            "peft_files_gen_tok_s": spread(d_gen),
+            "naive_full_rank_tok_s": {**spread(naive), "members_timed": members},
+        },
+        "ratio_peft_files_step": statistics.median(d_step) / pa["median"],
+        "ratio_naive_full_rank": statistics.median(naive) / pa["median"],
+        "memory": {
+            **memory,
+            "numbers_per_member": per_member,
+            "numbers_per_member_full_rank": sum(t.out_features * t.in_features for t in targets),
+            "peak_rss_bytes": peak_rss_bytes(),
+        },
+    }
+
+
+if __name__ == "__main__":
+    spec = json.loads(sys.argv[1])
+    result = run_case(spec)
+    Path(spec["out"]).write_text(json.dumps(result, indent=2))

@@ -34,6 +34,19 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+class SamePrompts:
+    """A task whose every step samples the same rows, so (c) generates exactly what (a) and (b) do."""
+
+    def __init__(self, task, rows):
+        self.task, self.rows = task, rows
+
+    def sample(self, n, step):
+        return self.rows
+
+    def __getattr__(self, name):
+        return getattr(self.task, name)
+
+
 def run_case(spec: dict) -> dict:
     from adapters import Population, shape_fitness
     from es_serve.config import validate
@@ -69,6 +82,7 @@ def run_case(spec: dict) -> dict:
     trainer.start(resume=False)
     rows = task.sample(p, 0)
     prompts = [trainer.render(r) for r in rows]
+    trainer.task = SamePrompts(task, rows)
     sampling = Sampling(max_tokens=tokens, ignore_eos=True)
     peft = PeftFileStep(stock)
 

@@ -34,8 +34,8 @@ class ModelConfig(_Section):
 class ESConfig(_Section):
     population: int = Field(16, ge=2, description="members per generation (N)")
     rank: int = Field(1, ge=1, le=512)
-    sigma: float = Field(2e-3, gt=0)
-    lr: float = Field(4e-3, gt=0)
+    sigma: float = Field(5e-3, gt=0)
+    lr: float = Field(1e-2, gt=0)
     shaping: Literal["centered", "zscore", "rank"] = "centered"
     scaling: Literal["mean", "sqrt"] = "mean"
     antithetic: bool = True
@@ -55,7 +55,7 @@ class ESConfig(_Section):
 class TaskConfig(_Section):
     name: str = "arithmetic"
     prompts_per_step: int = Field(4, ge=1)
-    eval_prompts: int = Field(64, ge=1)
+    eval_prompts: int = Field(128, ge=1)
     seed: int = Field(0, ge=0)
 
 
@@ -72,8 +72,8 @@ class GenerationConfig(_Section):
 
 
 class TrainConfig(_Section):
-    steps: int = Field(30, ge=0)
-    eval_every: int = Field(10, ge=1)
+    steps: int = Field(40, ge=0)
+    eval_every: int = Field(20, ge=1)
     checkpoint_every: int = Field(10, ge=1)
 
 

@@ -123,6 +123,13 @@ class RayEngine:
         if gpus is None:
             gpus = 1 if eng.kind == "vllm" and ray.cluster_resources().get("GPU", 0) > 0 else 0
         self._options = {"num_cpus": eng.replica_cpus, "num_gpus": gpus, "max_restarts": 0}
+        if eng.kind == "vllm" and not gpus and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+            # vLLM's CPU engine pins its compute threads to cores it picks alone; replicas sharing a
+            # node would all pick the same ones (two engines on this 2-core machine ran 4x slower
+            # each). Unpinned, each keeps to its share of threads and the OS spreads them.
+            threads = str(max(1, int(eng.replica_cpus)))
+            env = {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": threads}
+            self._options["runtime_env"] = {"env_vars": env}
         self._config_dict = config.model_dump()
         self._spawned = 0
         self.replicas: list[_Handle] = []

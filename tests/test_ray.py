@@ -3,7 +3,6 @@
 The dense engine serves most tests (a replica starts in seconds); one test runs vLLM replicas.
 """
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -12,37 +11,14 @@ import torch
 pytestmark = pytest.mark.slow
 ray = pytest.importorskip("ray")
 
+from fakes import CountReward, Task  # noqa: E402
+
 from es_serve.config import ConfigError, load_config  # noqa: E402
 from es_serve.dense import DenseEngine  # noqa: E402
 from es_serve.ray_engine import RayEngine, connect, split  # noqa: E402
 from es_serve.ray_replica import weights_checksum  # noqa: E402
 from es_serve.run_dir import RunDir  # noqa: E402
 from es_serve.trainer import Trainer  # noqa: E402
-
-
-@dataclass
-class Scored:
-    matrix: torch.Tensor
-    valid: torch.Tensor
-    per_reward: dict
-
-
-class CountReward:
-    """Counts a character: deterministic, and varies across members."""
-
-    def score(self, prompts, completions, columns):
-        m = torch.tensor([[float(c.count("e")) for c in row] for row in completions], dtype=torch.float64)
-        return Scored(m, torch.ones_like(m, dtype=torch.bool), {"count": m})
-
-
-class Task:
-    default_reward = "count"
-
-    def sample(self, n, step):
-        return [{"prompt": f"What is {step} + {j}?", "answer": str(step + j)} for j in range(n)]
-
-    def eval_rows(self, n):
-        return [{"prompt": f"eval {j} plus", "answer": str(j)} for j in range(n)]
 
 
 def _config(**extra):

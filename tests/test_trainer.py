@@ -1,9 +1,8 @@
 """The ES loop, checkpoints, the replay log and resume, on the dense engine (no vLLM needed)."""
 
-from dataclasses import dataclass
-
 import pytest
 import torch
+from fakes import CountReward, Task
 
 from es_serve.config import load_config
 from es_serve.dense import DenseEngine
@@ -11,37 +10,6 @@ from es_serve.export import trained_weights
 from es_serve.run_dir import RunDir
 from es_serve.trainer import Trainer
 from es_serve.weights import base_weights
-
-
-@dataclass
-class Scored:
-    matrix: torch.Tensor
-    valid: torch.Tensor
-    per_reward: dict
-
-
-class CountReward:
-    """Counts a character in each completion: cheap, deterministic, and varies across members."""
-
-    def __init__(self, fail_on_call=None):
-        self.calls, self.fail_on_call = 0, fail_on_call
-
-    def score(self, prompts, completions, columns):
-        self.calls += 1
-        if self.fail_on_call == self.calls:
-            raise RuntimeError("reward server went away")
-        m = torch.tensor([[float(c.count("e")) for c in row] for row in completions], dtype=torch.float64)
-        return Scored(m, torch.ones_like(m, dtype=torch.bool), {"count": m})
-
-
-class Task:
-    default_reward = "count"
-
-    def sample(self, n, step):
-        return [{"prompt": f"What is {step} + {j}?", "answer": str(step + j)} for j in range(n)]
-
-    def eval_rows(self, n):
-        return [{"prompt": f"eval {j} plus", "answer": str(j)} for j in range(n)]
 
 
 def _config(**extra):

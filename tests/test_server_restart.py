@@ -15,8 +15,15 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "restart-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-PLUGIN = "def distinct_chars(prompts, completions, **columns):\n    return [float(len(set(c))) for c in completions]\n"
-STEPS = 5
+# The pause keeps a step longer than the test's polling interval, so "kill one step later" cannot
+# overshoot to the end of the job on a fast machine.
+PLUGIN = (
+    "import time\n"
+    "def distinct_chars(prompts, completions, **columns):\n"
+    "    time.sleep(0.3)\n"
+    "    return [float(len(set(c))) for c in completions]\n"
+)
+STEPS = 8
 
 
 def _config(model_dir):

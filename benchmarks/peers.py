@@ -46,19 +46,10 @@ class PeftFileStep:
                 loras.append(LoRARequest(f"peft-{self.next_id}", self.next_id, str(path)))
                 self.next_id += 1
             written = time.perf_counter() - start
-            encoded = [self.engine.encode(p) for p in prompts]
-            requests, params, per_request = [], [], []
-            for i, lora in enumerate(loras):
-                for j, ids in enumerate(encoded):
-                    requests.append({"prompt_token_ids": ids})
-                    params.append(self.engine._params(sampling, i, j))
-                    per_request.append(lora)
-            flat, seconds = self.engine._run(requests, params, per_request)
+            result = self.engine.generate_adapters(list(enumerate(loras)), prompts, sampling)
         finally:
             shutil.rmtree(root, ignore_errors=True)
-        p = len(prompts)
-        rows = [flat[k * p : (k + 1) * p] for k in range(len(loras))]
-        return rows, sum(len(c.token_ids) for c in flat), written, seconds
+        return result.completions, result.tokens, written, result.seconds
 
 
 def naive_member(engine, base: dict[str, torch.Tensor], member: int, sigma: float, prompts, sampling, seed: int):

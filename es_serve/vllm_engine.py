@@ -126,17 +126,23 @@ class VLLMEngine:
         self, members: Sequence[tuple[Generation, int]], prompts: Sequence[str], sampling: Sampling
     ) -> PopulationResult:
         """Any mix of members (of any generations) on the same prompts, in one `generate`."""
+        return self.generate_adapters([(i, self._lora(gen, i)) for gen, i in members], prompts, sampling)
+
+    def generate_adapters(self, adapters, prompts: Sequence[str], sampling: Sampling) -> PopulationResult:
+        """Each (member index, LoRARequest) on every prompt in one `generate`; rows follow `adapters`.
+
+        The index only picks the sampling seeds; the benchmark's PEFT-file baseline passes its own requests.
+        """
         encoded = [self.encode(p) for p in prompts]
         requests, params, loras = [], [], []
-        for gen, i in members:
-            lora = self._lora(gen, i)
+        for i, lora in adapters:
             for j, ids in enumerate(encoded):
                 requests.append({"prompt_token_ids": ids})
                 params.append(self._params(sampling, i, j))
                 loras.append(lora)
         flat, seconds = self._run(requests, params, loras)
         p = len(prompts)
-        rows = [flat[k * p : (k + 1) * p] for k in range(len(members))]
+        rows = [flat[k * p : (k + 1) * p] for k in range(len(adapters))]
         return PopulationResult(rows, seconds, sum(len(c.token_ids) for c in flat))
 
     def apply_update(self, gen: Generation, shaped_fitness, lr: float, scaling: str = "mean") -> str:

@@ -82,7 +82,13 @@ class EngineConfig(_Section):
     lora_kernel: Literal["es", "vllm"] = Field(
         "es", description="es: the member kernel for the LoRA term on CPU; vllm: vLLM's own LoRA ops"
     )
-    memory_fraction: float = Field(0.3, gt=0, lt=1)
+    memory_fraction: float = Field(
+        0.3,
+        gt=0,
+        lt=1,
+        description="CPU: the most of the NUMA node's memory the KV cache may take (it is sized to the step); "
+        "CUDA: the share of GPU memory vLLM may use",
+    )
     ray_address: str | None = Field(
         None, description="'auto' (a cluster from `ray start`), 'local' (a private one here) or host:port"
     )

@@ -47,3 +47,19 @@ def build_local_engine(config: Config, model_dir: Path):
         seed=es.seed,
         lora_kernel=config.engine.lora_kernel,
     )
+
+
+def plan_for(config: Config, model_dir: Path):
+    """The sizing a vLLM engine built from `config` will use (es_serve.sizing.plan_engine)."""
+    from .sizing import plan_engine, resolve_dtype
+
+    es = config.es
+    return plan_engine(
+        Path(model_dir),
+        Population(es.population, es.rank, es.sigma, es.antithetic),
+        max(config.task.prompts_per_step, 1),
+        config.generation.max_tokens,
+        config.model.max_model_len,
+        resolve_dtype(config.model.dtype),
+        config.engine.memory_fraction,
+    )

@@ -57,7 +57,7 @@ def connect(address: str | None, replicas: int, replica_cpus: float) -> bool:
         # A private single-machine cluster; logical CPUs may exceed physical ones so that K
         # replicas can share a small machine (they then share its cores).
         cpus = max(os.cpu_count() or 1, math.ceil(replicas * replica_cpus))
-        ray.init(num_cpus=cpus, include_dashboard=False)
+        start_local_ray(num_cpus=cpus)
         return True
     hint = (
         "Start one with `ray start --head` on the head node (and `ray start --address=HEAD_IP:6379` on each "
@@ -78,6 +78,31 @@ def connect(address: str | None, replicas: int, replica_cpus: float) -> bool:
             f"engine.ray_address={address!r}: no Ray cluster could be reached ({str(exc).strip()}). {hint}"
         ) from None
     return True
+
+
+def start_local_ray(**init_kwargs) -> None:
+    """Starts a private Ray cluster on this machine whose every service listens on 127.0.0.1.
+
+    ray.init alone advertises the machine's interface address, and rewrites an explicit
+    `_node_ip_address="127.0.0.1"` to that address too. Ray's switch for single-machine use
+    (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, read into ray_constants when ray is imported) makes it pick
+    the loopback address instead; it is set for this process and for what it spawns, and only here,
+    so that joining a real cluster (`auto`, host:port) still advertises a reachable address.
+    """
+    import ray
+    from ray._private import ray_constants
+
+    os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        ray.init(include_dashboard=False, **init_kwargs)
+    finally:
+        os.environ.pop(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR, None)
+        ray_constants.ENABLE_RAY_CLUSTER = True
+    node_ip = ray.util.get_node_ip_address()
+    if node_ip != "127.0.0.1":
+        ray.shutdown()
+        raise RuntimeError(f"the local Ray cluster advertises {node_ip}, not 127.0.0.1; refusing to run on it")
 
 
 def split(items: Sequence[int], parts: int, unit: int = 1) -> list[list[int]]:
@@ -117,6 +142,13 @@ class RayEngine:
         self.config, self.model_dir, self.replace_dead = config, model_dir, replace_dead
         eng = config.engine
         self.checksum_every = eng.checksum_every
+        local = eng.ray_address in (None, "", "local")
+        if local and eng.kind == "vllm" and not (eng.replica_gpus or 0):
+            # Replicas start concurrently and each checks only itself; together they share one node.
+            from .engines import plan_for
+            from .sizing import check_replicas_fit
+
+            check_replicas_fit(plan_for(config, model_dir), eng.replicas)
         self._owns_ray = connect(eng.ray_address, eng.replicas, eng.replica_cpus)
         self._remote = ray.remote(Replica)
         gpus = eng.replica_gpus

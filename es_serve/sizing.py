@@ -24,6 +24,7 @@ class EnginePlan:
     master_bytes: int
     adapter_bytes: int
     kv_bytes: int
+    kv_cache_bytes: int | None = None  # passed to vLLM as kv_cache_memory_bytes (CPU); None: vLLM sizes it
 
     @property
     def total_bytes(self) -> int:
@@ -49,18 +50,46 @@ def resolve_dtype(dtype: str) -> str:
     return "bfloat16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "float32"
 
 
-def _total_memory() -> int:
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+@dataclass(frozen=True)
+class HostMemory:
+    """The memory a CPU engine is checked against: its NUMA node's, as vLLM's CPU worker reads it."""
+
+    node: int | None
+    total: int
+    available: int
 
 
-def _available_memory() -> int:
+def host_memory() -> HostMemory:
+    """Total and available bytes of the memory node vLLM's CPU worker will allocate from.
+
+    vLLM binds its CPU worker to the NUMA node of the first CPU the process may run on and checks
+    its reservations against that node's meminfo, not the machine's: on a two-node Xeon that is half
+    the RAM. Asking vLLM's own helper gives the very numbers it will check; /proc/meminfo is the
+    fallback where vLLM is not importable (a dense-engine-only install).
+    """
+    try:
+        from vllm.utils.cpu_resource_utils import get_allowed_cpu_list, get_memory_node_info
+
+        node = get_allowed_cpu_list()[0].numa_node
+        info = get_memory_node_info(node)
+        return HostMemory(node, info.total_memory, info.available_memory)
+    except (ImportError, IndexError, OSError, KeyError):
+        pass
+    fields = {}
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
+            key, _, value = line.partition(":")
+            fields[key] = int(value.split()[0]) * 1024
+    except (OSError, ValueError, IndexError):
         pass
-    return _total_memory()
+    total = fields.get("MemTotal") or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return HostMemory(None, total, fields.get("MemAvailable", total))
+
+
+def _on_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def plan_engine(
@@ -72,8 +101,17 @@ def plan_engine(
     dtype: str,
     memory_fraction: float,
     max_batch: int = 512,
-    available: int | None = None,
+    memory: HostMemory | None = None,
+    gpu: bool | None = None,
 ) -> EnginePlan:
+    """LoRA slots, batch and KV size for one engine, checked against the memory it will run in.
+
+    On CPU the KV cache is sized explicitly (vLLM's `kv_cache_memory_bytes`): exactly what the step's
+    N x P sequences of `max_model_len` tokens need, capped at `memory_fraction` of the node. vLLM's
+    own CPU default reserves `memory_fraction` of the node minus the process's resident memory, which
+    fails or differs from machine to machine (and between two engines of one process) for reasons
+    unrelated to the job. On CUDA vLLM profiles the GPU itself and `memory_fraction` keeps its meaning.
+    """
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"model dtype {dtype!r} is not supported; use one of {sorted(DTYPE_BYTES)}")
     if not 0 < memory_fraction < 1:
@@ -89,11 +127,12 @@ def plan_engine(
     if rank is None:
         raise ValueError(f"es.rank {pop.rank} is above vLLM's largest LoRA rank {VLLM_LORA_RANKS[-1]}")
     cfg = json.loads((model_dir / "config.json").read_text())
+    cfg = cfg.get("text_config", cfg)  # multimodal wrappers keep the decoder's sizes there
     hidden, layers = cfg["hidden_size"], cfg["num_hidden_layers"]
     inter, vocab = cfg.get("intermediate_size", 4 * hidden), cfg["vocab_size"]
     heads = cfg["num_attention_heads"]
     head_dim = cfg.get("head_dim") or hidden // heads
-    kv_heads = cfg.get("num_key_value_heads", heads)
+    kv_heads = cfg.get("num_key_value_heads") or heads
     q, kv = heads * head_dim, kv_heads * head_dim
     per_layer = hidden * (q + 2 * kv) + q * hidden + 3 * hidden * inter
     sides = (hidden + q) + 2 * (hidden + kv) + (q + hidden) + 3 * (hidden + inter)
@@ -106,20 +145,56 @@ def plan_engine(
     master_bytes = layers * per_layer * 4
     # GPU-side slots plus the CPU cache that holds every member of a step.
     adapter_bytes = (max_loras + pop.size) * rank * layers * sides * nbytes
-    kv_bytes = max_num_seqs * max_model_len * layers * 2 * kv * nbytes
-    plan = EnginePlan(
-        rank, max_loras, max(max_loras, pop.size), max_num_seqs, weight_bytes, master_bytes, adapter_bytes, kv_bytes
-    )
+    per_token_kv = layers * 2 * kv * nbytes
+    kv_bytes = max_num_seqs * max_model_len * per_token_kv
 
-    available = _available_memory() if available is None else available
-    reserved = int(memory_fraction * _total_memory())
-    needed = plan.weight_bytes + plan.master_bytes + plan.adapter_bytes
-    if needed + reserved > available:
-        gib = 1 << 30
+    gpu = _on_gpu() if gpu is None else gpu
+    memory = host_memory() if memory is None else memory
+    gib = 1 << 30
+    kv_cache_bytes = None
+    if not gpu:
+        cap = int(memory_fraction * memory.total)
+        # vLLM refuses a KV cache that cannot hold one whole sequence of max_model_len tokens.
+        if cap < max_model_len * per_token_kv:
+            raise MemoryError(
+                f"engine.memory_fraction {memory_fraction} of {memory.total / gib:.1f} GiB cannot hold the KV cache "
+                f"of one {max_model_len}-token sequence ({max_model_len * per_token_kv / gib:.2f} GiB): raise "
+                "engine.memory_fraction or lower model.max_model_len"
+            )
+        kv_bytes = kv_cache_bytes = min(kv_bytes, cap)
+    plan = EnginePlan(
+        rank,
+        max_loras,
+        max(max_loras, pop.size),
+        max_num_seqs,
+        weight_bytes,
+        master_bytes,
+        adapter_bytes,
+        kv_bytes,
+        kv_cache_bytes,
+    )
+    # On a GPU the weights and KV cache live in device memory, which vLLM checks itself; the host
+    # still holds the float32 masters and the cached member factors.
+    needed = plan.master_bytes + plan.adapter_bytes if gpu else plan.total_bytes
+    if needed > memory.available:
+        where = f"NUMA node {memory.node}" if memory.node is not None else "this machine"
         raise MemoryError(
-            f"this configuration needs about {needed / gib:.1f} GiB for weights, float32 masters and "
-            f"{pop.size} adapters, plus {reserved / gib:.1f} GiB that vLLM reserves "
-            f"(engine memory fraction {memory_fraction}), but only {available / gib:.1f} GiB is free: "
-            "lower engine.memory_fraction, es.population or es.rank, or use a smaller model"
+            f"this configuration needs about {needed / gib:.1f} GiB (weights {weight_bytes / gib:.1f}, float32 "
+            f"masters {master_bytes / gib:.1f}, {pop.size} adapters {adapter_bytes / gib:.1f}, KV cache "
+            f"{(0 if gpu else kv_bytes) / gib:.1f}) but {where} has {memory.available / gib:.1f} GiB available: "
+            "lower es.population, task.prompts_per_step, model.max_model_len or es.rank, or use a smaller model"
         )
     return plan
+
+
+def check_replicas_fit(plan: EnginePlan, replicas: int, memory: HostMemory | None = None) -> None:
+    """Several engines started on one node share its memory; each alone would pass its own check."""
+    memory = host_memory() if memory is None else memory
+    needed = replicas * plan.total_bytes
+    if needed > memory.available:
+        gib = 1 << 30
+        raise MemoryError(
+            f"{replicas} replicas on this node need about {needed / gib:.1f} GiB ({plan.total_bytes / gib:.1f} each) "
+            f"but it has {memory.available / gib:.1f} GiB available: lower engine.replicas or the per-engine "
+            "sizes (es.population, task.prompts_per_step, model.max_model_len), or spread replicas over nodes"
+        )

@@ -57,6 +57,7 @@ class VLLMEngine:
             max_model_len=max_model_len,
             enforce_eager=True,
             gpu_memory_utilization=memory_fraction,
+            kv_cache_memory_bytes=self.plan.kv_cache_bytes,
             enable_lora=True,
             max_lora_rank=self.plan.max_lora_rank,
             max_loras=self.plan.max_loras,

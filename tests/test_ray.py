@@ -15,7 +15,7 @@ from fakes import CountReward, Task  # noqa: E402
 
 from es_serve.config import ConfigError, load_config  # noqa: E402
 from es_serve.dense import DenseEngine  # noqa: E402
-from es_serve.ray_engine import RayEngine, connect, split  # noqa: E402
+from es_serve.ray_engine import RayEngine, connect, split, start_local_ray  # noqa: E402
 from es_serve.ray_replica import weights_checksum  # noqa: E402
 from es_serve.run_dir import RunDir  # noqa: E402
 from es_serve.trainer import Trainer  # noqa: E402
@@ -57,7 +57,7 @@ def _assert_same(a: dict, b: dict):
 
 @pytest.fixture(scope="module")
 def cluster():
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 2**20, log_to_driver=False)
+    start_local_ray(num_cpus=2, object_store_memory=100 * 2**20, log_to_driver=False)
     yield
     ray.shutdown()
 
@@ -93,6 +93,23 @@ def test_split_keeps_pairs_together_and_balances():
     assert split(range(6), 2, 2) == [[0, 1, 2, 3], [4, 5]]
     assert split(range(4), 3, 2) == [[0, 1], [2, 3]]
     assert split([4, 5], 2, 1) == [[4], [5]]
+
+
+def test_local_cluster_listens_on_loopback_only(cluster):
+    import psutil
+
+    assert ray.util.get_node_ip_address() == "127.0.0.1"
+    ray.get(ray.remote(lambda: None).remote())  # at least one worker process is up
+    loopback = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
+    listening = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            conns = proc.net_connections(kind="inet")
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        listening += [(proc.name(), c.laddr.ip) for c in conns if c.status == psutil.CONN_LISTEN]
+    assert listening, "found no Ray process listening at all: the check would prove nothing"
+    assert [item for item in listening if item[1] not in loopback] == []
 
 
 def test_unreachable_cluster_names_the_address_and_how_to_start_one():

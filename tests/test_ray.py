@@ -95,6 +95,13 @@ def test_split_keeps_pairs_together_and_balances():
     assert split([4, 5], 2, 1) == [[4], [5]]
 
 
+def test_unreachable_cluster_names_the_address_and_how_to_start_one():
+    with pytest.raises(ConfigError) as exc:
+        connect("127.0.0.1:1", 2, 1.0)
+    assert "engine.ray_address='127.0.0.1:1'" in str(exc.value)
+    assert "ray start --head" in str(exc.value)
+
+
 def test_local_cluster_listens_on_loopback_only(cluster):
     import psutil
 
@@ -110,13 +117,6 @@ def test_local_cluster_listens_on_loopback_only(cluster):
         listening += [(proc.name(), c.laddr.ip) for c in conns if c.status == psutil.CONN_LISTEN]
     assert listening, "found no Ray process listening at all: the check would prove nothing"
     assert [item for item in listening if item[1] not in loopback] == []
-
-
-def test_unreachable_cluster_names_the_address_and_how_to_start_one():
-    with pytest.raises(ConfigError) as exc:
-        connect("127.0.0.1:1", 2, 1.0)
-    assert "engine.ray_address='127.0.0.1:1'" in str(exc.value)
-    assert "ray start --head" in str(exc.value)
 
 
 def test_replicas_match_one_engine_and_the_update_is_seeds_plus_fitness(engine, single, tmp_path):

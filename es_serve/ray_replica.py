@@ -34,6 +34,38 @@ def weights_checksum(weights: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
+# Replicas on different CPU kinds apply the same update through different BLAS kernels, whose
+# float32 summation order differs, so their weights agree only to rounding. Per update an entry of W
+# can differ by the rounding of W + dW (half an ulp of W on each side) plus the difference of the
+# two dW, a K-term float32 sum accurate to about K * 2^-24 of its terms, which are far smaller than
+# W at ES learning rates. Four ulps (2^-21 relative) per update covers both with room to spare; the
+# drift is compared through per-matrix sums, which a real divergence (a corrupted matrix, a missed
+# update) moves by orders of magnitude more.
+DRIFT_PER_UPDATE = 2.0**-21
+
+
+def weights_fingerprint(weights: dict[str, torch.Tensor]) -> dict[str, tuple[float, float, float]]:
+    """Per trained matrix, in float64: (sum w, sum |w|, sum w^2). Sent only when checksums differ."""
+    out = {}
+    for name in sorted(weights):
+        w = weights[name].detach().to("cpu", torch.float64)
+        out[name] = (float(w.sum()), float(w.abs().sum()), float((w * w).sum()))
+    return out
+
+
+def within_drift(a: dict, b: dict, updates: int) -> bool:
+    """Whether two fingerprints differ by no more than `updates` updates of CPU rounding drift."""
+    if a.keys() != b.keys():
+        return False
+    eps = DRIFT_PER_UPDATE * max(1, updates)
+    for name, (s1a, absa, s2a) in a.items():
+        s1b, absb, s2b = b[name]
+        # |sum da| <= eps sum |w|, and sum (w + d)^2 - sum w^2 <= (2 eps + eps^2) sum w^2.
+        if abs(s1a - s1b) > eps * max(absa, absb) or abs(s2a - s2b) > (2 * eps + eps * eps) * max(s2a, s2b):
+            return False
+    return True
+
+
 def population_of(spec: tuple) -> Population:
     size, rank, sigma, antithetic = spec
     return Population(size, rank, sigma, antithetic)
@@ -88,6 +120,9 @@ class Replica:
     def checksum(self) -> str:
         return weights_checksum(self.engine.state_dict())
 
+    def fingerprint(self) -> dict[str, tuple[float, float, float]]:
+        return weights_fingerprint(self.engine.state_dict())
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.engine.state_dict()
 
@@ -110,6 +145,16 @@ class Replica:
     def crash_at_step(self, step: int | None) -> None:
         """Makes the process exit when asked to generate for `step` (fault-injection in tests)."""
         self._crash_at_step = step
+
+    def drift(self, fraction: float = 0.01, seed: int = 0) -> str:
+        """Moves a random `fraction` of every matrix's entries by one ulp, as another CPU's rounding would."""
+        weights = self.engine.state_dict()
+        gen = torch.Generator().manual_seed(seed)
+        for name, w in weights.items():
+            picked = torch.rand(w.shape, generator=gen) < fraction
+            up = torch.nextafter(w, torch.full_like(w, float("inf")))
+            weights[name] = torch.where(picked, up, w)
+        return self.load_state_dict(weights)
 
     def corrupt(self, scale: float = 1e-3) -> str:
         """Nudges one trained matrix, as a silent divergence would (checksum tests)."""

@@ -16,7 +16,7 @@ from fakes import CountReward, Task  # noqa: E402
 from es_serve.config import ConfigError, load_config  # noqa: E402
 from es_serve.dense import DenseEngine  # noqa: E402
 from es_serve.ray_engine import RayEngine, connect, split, start_local_ray  # noqa: E402
-from es_serve.ray_replica import weights_checksum  # noqa: E402
+from es_serve.ray_replica import DRIFT_PER_UPDATE, weights_checksum, weights_fingerprint, within_drift  # noqa: E402
 from es_serve.run_dir import RunDir  # noqa: E402
 from es_serve.trainer import Trainer  # noqa: E402
 
@@ -82,7 +82,7 @@ def engine(cluster, tiny_model_dir):
 
 def _train(engine, single, run, on_step=None):
     engine.load_state_dict(single["base"])
-    engine.updates = 0
+    engine.updates = engine._agreed_at = 0
     trainer = Trainer(_config(), run, engine, Task(), CountReward())
     metrics = trainer.train(on_step=on_step)
     return trainer, metrics
@@ -189,6 +189,42 @@ def test_a_diverged_replica_is_detected_and_resynchronised(engine, single, tmp_p
     assert len(set(engine.checksums())) == 2
     assert engine.checksum() == weights_checksum(single["weights"])
     assert len(set(engine.checksums())) == 1
+
+
+def test_drift_tolerance_separates_rounding_from_divergence():
+    w = {"m": torch.linspace(-1, 1, 400, dtype=torch.float32).reshape(20, 20)}
+    one_ulp = {"m": torch.nextafter(w["m"], torch.full_like(w["m"], 2.0))}  # every entry, one ulp up
+    assert one_ulp["m"].ne(w["m"]).all()
+    base, moved = weights_fingerprint(w), weights_fingerprint(one_ulp)
+    # One ulp of |w| <= 1 is at most 2^-23 relative: within one update's allowance (2^-21).
+    assert within_drift(base, moved, updates=1)
+    nudged = {"m": w["m"].clone()}
+    nudged["m"][3, 4] += 1e-3  # one entry off by far more than rounding
+    assert not within_drift(base, weights_fingerprint(nudged), updates=1)
+    # Sum of |w| is 200 here, so 1e-3 stays detectable up to 1e-3 / (200 * 2^-21) updates of drift.
+    limit = int(1e-3 / (200 * DRIFT_PER_UPDATE))
+    assert not within_drift(base, weights_fingerprint(nudged), updates=limit - 1)
+    assert within_drift(base, weights_fingerprint(nudged), updates=limit + 1)
+    assert not within_drift(base, {"other": (0.0, 0.0, 0.0)}, updates=1)
+
+
+def test_rounding_drift_between_cpu_kinds_is_tolerated_not_resynchronised(engine, single, tmp_path):
+    def drift_second(report):
+        if report.step in (1, 3):
+            # Another CPU's rounding: one ulp on 1% of the entries after updates 1 and 3.
+            ray.get(engine.replicas[1].actor.drift.remote(0.01, report.step))
+
+    engine.events.clear()
+    _train(engine, single, tmp_path / "run", on_step=drift_second)
+    assert [e["event"] for e in engine.events] == ["drift", "drift"]  # the checks after updates 2 and 4
+    assert [e["updates"] for e in engine.events] == [2, 4]
+    first, second = _replica_weights(engine)
+    _assert_same(first, single["weights"])
+    assert any(not torch.equal(first[k], second[k]) for k in first)
+    for k in first:
+        # Two one-ulp nudges, each carried through the later updates' rounding: a few ulps of the matrix's scale.
+        scale = float(first[k].abs().max()) * torch.finfo(torch.float32).eps
+        assert float((first[k] - second[k]).abs().max()) <= 8 * scale, k
 
 
 def test_a_replica_killed_mid_step_changes_nothing_and_a_replacement_catches_up(engine, single, tmp_path):

@@ -19,7 +19,7 @@ from rewards.reward_log import RewardLog
 
 from .config import Config
 from .run_dir import RunDir
-from .types import Generation, Sampling
+from .types import Generation, Sampling, TrainerState
 from .weights import replay_updates
 
 
@@ -98,12 +98,10 @@ class Trainer:
         )
         return scored, log.summary()
 
-    def trainer_state(self, step: int):
-        """What TRL passes as `trainer_state`: a transformers TrainerState at this step."""
-        from transformers import TrainerState
-
+    def trainer_state(self, step: int) -> TrainerState:
+        """What TRL passes as `trainer_state`, at this step."""
         train = self.config.train
-        epoch = self.task.epoch(step, self.config.task.prompts_per_step) if hasattr(self.task, "epoch") else None
+        epoch = self.task.epoch(step, self.config.task.prompts_per_step) if hasattr(self.task, "epoch") else 0.0
         return TrainerState(
             epoch=epoch,
             global_step=step,

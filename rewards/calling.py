@@ -9,7 +9,7 @@ Either may be `async def`; async functions are called concurrently (bounded by m
 As in TRL's GRPOTrainer, the prompts decide the form: plain prompts give strings, chat prompts
 (lists of role/content messages) give `prompts` as message lists and each completion as
 `[{"role": "assistant", "content": text}]`. When the trainer provides them, functions also get
-`completion_ids` (token ids), `trainer_state` (a transformers TrainerState: `global_step`,
+`completion_ids` (token ids), `trainer_state` (the fields of transformers' TrainerState: `global_step`,
 `max_steps`) and `log_metric` / `log_extra` (see rewards.reward_log). `text_only=True` (the
 built-ins) keeps strings for chat prompts too.
 
@@ -207,8 +207,14 @@ class FunctionReward(Reward):
 
     def _sample_kwargs(self, batch: Batch, member: int, sample: int) -> dict:
         values = {k: v[sample] for k, v in batch.columns.items()}
-        prompts, completions = self._forms(batch)
-        kwargs = {"prompt": prompts[sample], "completion": completions(batch.completions[member][sample]), **values}
+        prompt = batch.prompts[sample]
+        if batch.conversational:
+            text = batch.prompt_texts[sample] if batch.prompt_texts is not None else batch.texts()[sample]
+            prompt = text if self.text_only else [dict(m) for m in prompt]
+        completion = batch.completions[member][sample]
+        if batch.conversational and not self.text_only:
+            completion = _assistant_message(completion)
+        kwargs = {"prompt": prompt, "completion": completion, **values}
         if batch.completion_ids is not None:
             kwargs["completion_ids"] = list(batch.completion_ids[member][sample])
         return self._select({**kwargs, **self._trainer_kwargs(batch)})

@@ -179,6 +179,14 @@ def test_every_trl_reward_runs_unchanged_on_a_chat_dataset(chat_data, tmp_path):
     assert member0["completions"][0] == [{"role": "assistant", "content": SCRIPT[0][0]}]
     assert [s["completion_ids"] for s in SEEN] == [[SCRIPT[0][1]] * 3, [SCRIPT[1][1]] * 3]
     assert member0["step"] == 1 and member0["max_steps"] == 2
+    # The state carries every field of the transformers TrainerState that TRL passes.
+    import dataclasses
+
+    from transformers import TrainerState
+
+    from es_serve.types import TrainerState as OurState
+
+    assert {f.name for f in dataclasses.fields(TrainerState)} <= {f.name for f in dataclasses.fields(OurState)}
     assert member0["columns"] == ["id", "solution"]
     # log_metric: the mean over the step's calls; log_extra: TRL's completions-table columns.
     assert logged["probe_tokens"] == pytest.approx((5 + 8) / 2)
@@ -285,3 +293,22 @@ def test_a_verl_compute_score_file_works_through_the_verl_prefix(tmp_path):
     assert logged["length"] == pytest.approx((len(SCRIPT[0][0]) + len(SCRIPT[1][0])) / 2)
     with pytest.raises(Exception, match="refused"):
         load_reward(f"verl:{tmp_path / 'score.py'}", reward_dir=tmp_path / "elsewhere")
+
+
+def test_per_sample_rewards_get_the_same_forms_one_sample_at_a_time():
+    from rewards import FunctionReward
+
+    seen = []
+
+    def one(prompt, completion, completion_ids, answer):
+        seen.append((prompt, completion, completion_ids, answer))
+        return float(completion[0]["content"] == answer)
+
+    chat = [[{"role": "user", "content": "1 + 1?"}], [{"role": "user", "content": "2 + 2?"}]]
+    result = FunctionReward(one).score(
+        chat, [["2", "5"], ["3", "4"]], {"answer": ["2", "4"]}, completion_ids=[[[7], [8]], [[9], [10]]]
+    )
+    assert result.matrix.tolist() == [[1.0, 0.0], [0.0, 1.0]]
+    assert seen[1] == (chat[1], [{"role": "assistant", "content": "5"}], [8], "4")
+    text = FunctionReward(lambda completion, **_: float(completion == "4"), text_only=True)
+    assert text.score(chat, [["2", "5"], ["3", "4"]]).matrix.tolist() == [[0.0, 0.0], [0.0, 1.0]]

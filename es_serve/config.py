@@ -62,7 +62,7 @@ class TaskConfig(_Section):
     )
     split: str = Field("train", description="the split of task.dataset to train on")
     prompt_column: str = Field("prompt", description="a plain string or a list of chat messages per row")
-    system_prompt: str | None = Field(None, description="put first in every chat prompt without a system message")
+    system_prompt: str | None = Field(None, description="put first in every prompt without a system message")
     eval_dataset: str | None = Field(None, description="held-out data (default: task.eval_prompts rows held out)")
     eval_split: str | None = Field(None, description="split of task.eval_dataset (or of task.dataset)")
 

@@ -55,6 +55,9 @@ class Trainer:
             messages = [dict(m) for m in prompt]
         elif "messages" in self._prompt_keys and row.get("messages"):
             messages = [dict(m) for m in row["messages"]]  # built-in tasks: the prompt as a one-turn chat
+        elif getattr(self.task, "plain_prompts_as_chat", False):
+            # An instruct model answers a bare string badly; a one-turn chat is what the built-in tasks send too.
+            messages = [{"role": "user", "content": prompt}]
         else:
             return None
         system = self.config.task.system_prompt
@@ -71,6 +74,10 @@ class Trainer:
             raise ValueError(
                 f"the prompts are chat messages but the tokenizer of {self.config.model.name} has no chat template; "
                 "use a chat model or plain-string prompts"
+            )
+        if self.config.task.system_prompt and getattr(self.task, "plain_prompts_as_chat", False):
+            raise ValueError(
+                f"task.system_prompt needs a chat template, and the tokenizer of {self.config.model.name} has none"
             )
         return row["prompt"]
 

@@ -6,7 +6,8 @@ from the datasets cache; rows are fetched by index, P at a time, never read whol
 
 Rows handed to the trainer are `{"prompt": <the prompt column>, **every other column}`; the prompt
 is a string or a list of chat messages (TRL's "conversational" form) and the other columns reach
-rewards as keyword arguments.
+rewards as keyword arguments. The trainer renders both through the model's chat template (a string
+as a one-turn user message), so plain and chat data differ only in what rewards are handed.
 
 Splits: with `task.eval_dataset` / `task.eval_split` the held-out rows are that data's first
 `task.eval_prompts` rows; otherwise `task.eval_prompts` rows drawn from the training data with
@@ -55,6 +56,9 @@ class DatasetTask:
 
     # The row keys that are the prompt rather than columns for the reward.
     prompt_keys = ("prompt",)
+    # Plain-string prompts reach a model with a chat template as a one-turn user message, as the
+    # built-in tasks' prompts do; rewards still get strings (TRL's rule: the prompt column decides).
+    plain_prompts_as_chat = True
     default_reward = None
 
     def __init__(
@@ -203,13 +207,6 @@ def load_dataset_task(cfg, *, data_dir=None, restricted: bool = False, cache_dir
         name=cfg.name,
         source=cfg.dataset,
     )
-    if cfg.system_prompt and not task.conversational:
-        raise DatasetTaskError(
-            f"task.system_prompt needs chat prompts (lists of messages), but {cfg.prompt_column!r} holds plain "
-            "strings, which reach the model as they are (TRL's rule); put the instruction in the prompt text, "
-            "or store the prompts as [{'role': 'user', 'content': ...}]",
-            "task.system_prompt",
-        )
     return task
 
 

@@ -131,11 +131,6 @@ def _bad(files, tmp_path):
         ({"dataset": chat, "eval_dataset": chat, "eval_prompts": ROWS + 1}, "task.eval_prompts", "has 23 rows"),
         ({"dataset": str(files / "saved"), "eval_split": "dev"}, "task.eval_split", "has the splits train, test"),
         ({"dataset": chat, "split": "test"}, "task.split", "a single file is one split"),
-        (
-            {"dataset": str(files / "plain.csv"), "prompt_column": "question", "system_prompt": "Be brief."},
-            "task.system_prompt",
-            "needs chat prompts",
-        ),
         ({"dataset": chat, "name": "arithmetic"}, "task.name", "is a built-in task"),
         ({"eval_dataset": chat}, "task.eval_dataset", "set task.dataset too"),
     ]

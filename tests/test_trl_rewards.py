@@ -312,3 +312,32 @@ def test_per_sample_rewards_get_the_same_forms_one_sample_at_a_time():
     assert seen[1] == (chat[1], [{"role": "assistant", "content": "5"}], [8], "4")
     text = FunctionReward(lambda completion, **_: float(completion == "4"), text_only=True)
     assert text.score(chat, [["2", "5"], ["3", "4"]]).matrix.tolist() == [[0.0, 0.0], [0.0, 1.0]]
+
+
+def test_plain_string_datasets_reach_the_model_as_a_chat_turn_and_rewards_as_strings(tmp_path):
+    data = tmp_path / "plain.csv"
+    data.write_text("question,answer\n" + "".join(f"{i} + 1?,{i + 1}\n" for i in range(5)))
+    config = load_config(
+        None,
+        [
+            f"task.dataset={json.dumps(str(data))}",
+            "task.prompt_column=question",
+            "task.system_prompt='Be brief.'",
+            "task.eval_prompts=1",
+            "task.prompts_per_step=2",
+            "es.population=2",
+        ],
+    )
+    seen = []
+
+    def reward(prompts, completions, answer, **_):
+        seen.append((prompts, completions, answer))
+        return [0.0] * len(prompts)
+
+    trainer = Trainer(config, tmp_path / "run", ScriptedEngine(), task_from_config(config.task), load_reward(reward))
+    rows = trainer.task.sample(2, 1)
+    prompts = [trainer.render(r) for r in rows]
+    assert prompts == [f"<system>Be brief.<user>{r['prompt']}<assistant>" for r in rows]
+    population = trainer.engine.generate_population(trainer.generation(1), prompts, trainer.sampling)
+    trainer.score(rows, prompts, population.completions, 1)
+    assert seen[0] == (prompts, [SCRIPT[0][0]] * 2, [r["answer"] for r in rows])

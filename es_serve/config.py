@@ -53,10 +53,26 @@ class ESConfig(_Section):
 
 
 class TaskConfig(_Section):
-    name: str = "arithmetic"
+    name: str = Field("arithmetic", description="a built-in task; with task.dataset, a label (default 'dataset')")
     prompts_per_step: int = Field(4, ge=1)
     eval_prompts: int = Field(128, ge=1)
     seed: int = Field(0, ge=0)
+    dataset: str | None = Field(
+        None, description="JSONL/JSON/CSV/Parquet file, a Dataset.save_to_disk directory, or a Hub dataset id"
+    )
+    split: str = Field("train", description="the split of task.dataset to train on")
+    prompt_column: str = Field("prompt", description="a plain string or a list of chat messages per row")
+    system_prompt: str | None = Field(None, description="put first in every prompt without a system message")
+    eval_dataset: str | None = Field(None, description="held-out data (default: task.eval_prompts rows held out)")
+    eval_split: str | None = Field(None, description="split of task.eval_dataset (or of task.dataset)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dataset_label(cls, data):
+        # A dataset task is not one of the built-in generators; its name only labels runs and jobs.
+        if isinstance(data, dict) and data.get("dataset") and "name" not in data:
+            data = {**data, "name": "dataset"}
+        return data
 
 
 class RewardConfig(_Section):

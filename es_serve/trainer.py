@@ -15,10 +15,11 @@ from pathlib import Path
 import torch
 
 from adapters import Population, noise_epoch, shape_fitness
+from rewards.reward_log import RewardLog
 
 from .config import Config
 from .run_dir import RunDir
-from .types import Generation, Sampling
+from .types import Generation, Sampling, TrainerState
 from .weights import replay_updates
 
 
@@ -40,21 +41,82 @@ class Trainer:
         self.eval_sampling = Sampling(gen_cfg.max_tokens, 0.0, 1.0, es.seed)
         self.step = 0
         self.stop_requested = False
+        # Row keys that carry the prompt; every other key is a column for the rewards.
+        self._prompt_keys = tuple(getattr(task, "prompt_keys", ("prompt", "messages")))
         # A multi-replica engine restores replicas that join later from this run's checkpoints.
         if hasattr(engine, "attach_run"):
             engine.attach_run(self.run)
 
     # -- prompts ------------------------------------------------------------------------------
+    def messages(self, row: dict) -> list[dict] | None:
+        """The row's prompt as chat messages (task.system_prompt first), or None for a plain-text prompt."""
+        prompt = row["prompt"]
+        if isinstance(prompt, list):
+            messages = [dict(m) for m in prompt]
+        elif "messages" in self._prompt_keys and row.get("messages"):
+            messages = [dict(m) for m in row["messages"]]  # built-in tasks: the prompt as a one-turn chat
+        elif getattr(self.task, "plain_prompts_as_chat", False):
+            # An instruct model answers a bare string badly; a one-turn chat is what the built-in tasks send too.
+            messages = [{"role": "user", "content": prompt}]
+        else:
+            return None
+        system = self.config.task.system_prompt
+        if system and (not messages or messages[0].get("role") != "system"):
+            messages.insert(0, {"role": "system", "content": system})
+        return messages
+
     def render(self, row: dict) -> str:
-        messages = row.get("messages")
+        """The text the engine generates from: the chat template applied to chat prompts."""
+        messages = self.messages(row)
         if messages and self.tokenizer is not None and getattr(self.tokenizer, "chat_template", None):
             return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        if isinstance(row["prompt"], list):
+            raise ValueError(
+                f"the prompts are chat messages but the tokenizer of {self.config.model.name} has no chat template; "
+                "use a chat model or plain-string prompts"
+            )
+        if self.config.task.system_prompt and getattr(self.task, "plain_prompts_as_chat", False):
+            raise ValueError(
+                f"task.system_prompt needs a chat template, and the tokenizer of {self.config.model.name} has none"
+            )
         return row["prompt"]
 
-    @staticmethod
-    def columns(rows: list[dict]) -> dict[str, list]:
-        keys = [k for k in rows[0] if k not in ("prompt", "messages")] if rows else []
+    def reward_prompts(self, rows: list[dict], rendered: list[str]) -> list:
+        """Prompts as rewards get them (TRL's rule): message lists for chat data, else the text the model saw."""
+        if rows and isinstance(rows[0]["prompt"], list):
+            return [self.messages(r) for r in rows]
+        return rendered
+
+    def columns(self, rows: list[dict]) -> dict[str, list]:
+        keys = [k for k in rows[0] if k not in self._prompt_keys] if rows else []
         return {k: [r.get(k) for r in rows] for k in keys}
+
+    def score(self, rows: list[dict], prompts: list[str], completions, step: int) -> tuple:
+        """(RewardResult, metrics the rewards logged) for N x P Completion objects."""
+        log = RewardLog()
+        scored = self.reward.score(
+            self.reward_prompts(rows, prompts),
+            [[c.text for c in row] for row in completions],
+            self.columns(rows),
+            completion_ids=[[list(c.token_ids) for c in row] for row in completions],
+            prompt_texts=prompts,
+            trainer_state=self.trainer_state(step),
+            log=log,
+        )
+        return scored, log.summary()
+
+    def trainer_state(self, step: int) -> TrainerState:
+        """What TRL passes as `trainer_state`, at this step."""
+        train = self.config.train
+        epoch = self.task.epoch(step, self.config.task.prompts_per_step) if hasattr(self.task, "epoch") else 0.0
+        return TrainerState(
+            epoch=epoch,
+            global_step=step,
+            max_steps=train.steps,
+            eval_steps=train.eval_every,
+            save_steps=train.checkpoint_every,
+            train_batch_size=self.config.task.prompts_per_step,
+        )
 
     # -- resume -------------------------------------------------------------------------------
     def start(self, resume: bool) -> int:
@@ -95,9 +157,8 @@ class Trainer:
         prompts = [self.render(r) for r in rows]
         gen = self.generation(step)
         result = self.engine.generate_population(gen, prompts, self.sampling)
-        completions = [[c.text for c in row] for row in result.completions]
         # A failing reward raises here, before any weight changes; the step can simply be rerun.
-        scored = self.reward.score(prompts, completions, self.columns(rows))
+        scored, (logged, extra) = self.score(rows, prompts, result.completions, step)
         shaped = shape_fitness(scored.matrix, self.config.es.shaping, self.population.size, valid=scored.valid)
         t_update = time.perf_counter()
         self.engine.apply_update(gen, shaped, self.config.es.lr, self.config.es.scaling)
@@ -131,6 +192,7 @@ class Trainer:
         for name, matrix in scored.per_reward.items():
             finite = matrix[~torch.isnan(matrix)]
             record[f"reward/{name}"] = float(finite.mean()) if finite.numel() else None
+        _add_logged(record, logged, extra, prefix="")
         if step % self.config.train.checkpoint_every == 0 or step == self.config.train.steps:
             self.run.save_checkpoint(step, self.engine.state_dict())
         if step % self.config.train.eval_every == 0 or step == self.config.train.steps:
@@ -144,18 +206,21 @@ class Trainer:
         rows = self.task.eval_rows(self.config.task.eval_prompts)
         prompts = [self.render(r) for r in rows]
         completions = self.engine.generate(prompts, self.eval_sampling)
-        scored = self.reward.score(prompts, [[c.text for c in completions]], self.columns(rows))
+        scored, (logged, extra) = self.score(rows, prompts, [completions], self.step)
         per_prompt = scored.matrix[0]
         ok = ~torch.isnan(per_prompt)
         values = per_prompt[ok]
         n = max(int(values.numel()), 1)
-        return {
+        record = {
             "eval_reward": float(values.mean()) if values.numel() else None,
             # Standard error over held-out prompts: the noise band the curve is judged against.
             "eval_stderr": float(values.std(unbiased=True) / math.sqrt(n)) if values.numel() > 1 else None,
             "eval_per_prompt": [_json_float(x) for x in per_prompt.tolist()],
             "eval_sample": completions[0].text[:200] if completions else "",
         }
+        # TRL's convention for evaluation: the same names with eval_ in front.
+        _add_logged(record, logged, extra, prefix="eval_")
+        return record
 
     # -- the loop -----------------------------------------------------------------------------
     def train(self, resume: bool = False, on_step: Callable[[StepReport], None] | None = None) -> list[dict]:
@@ -209,6 +274,43 @@ def _metrics_from_replay(entry: dict) -> dict:
         "reward_std": float(values.std(unbiased=False)) if values.numel() else None,
         "recovered_from_replay": True,
     }
+
+
+def _add_logged(record: dict, metrics: dict, extra: dict, prefix: str) -> None:
+    """What rewards logged (log_metric means, log_extra columns) into a metrics line.
+
+    A metric named like one of the trainer's own keys goes under `reward_log/<name>` instead, so
+    neither hides the other.
+    """
+    for name, value in metrics.items():
+        key = f"{prefix}{name}"
+        record[f"reward_log/{key}" if key in record or key in _TRAINER_KEYS else key] = value
+    if extra:
+        record[f"{prefix}log_extra"] = extra
+
+
+# Keys a step or eval line may carry from the trainer itself.
+_TRAINER_KEYS = frozenset(
+    {
+        "step",
+        "reward_mean",
+        "reward_std",
+        "reward_max",
+        "scored_fraction",
+        "gen_tokens",
+        "gen_seconds",
+        "gen_tok_s",
+        "update_seconds",
+        "step_seconds",
+        "eval_reward",
+        "eval_stderr",
+        "eval_per_prompt",
+        "eval_sample",
+        "log_extra",
+        "eval_log_extra",
+        "recovered_from_replay",
+    }
+)
 
 
 def _json_float(x: float):

@@ -54,3 +54,31 @@ class PopulationResult:
     completions: list[list[Completion]]
     seconds: float = 0.0
     tokens: int = field(default=0)
+
+
+@dataclass
+class TrainerState:
+    """What reward functions get as `trainer_state`: the fields of transformers' TrainerState, which
+    TRL passes, filled from the ES run (importing transformers' training stack would cost every run
+    seconds at start for a handful of numbers)."""
+
+    epoch: float = 0.0  # training epochs over a dataset task's rows (0 for generated tasks)
+    global_step: int = 0
+    max_steps: int = 0
+    logging_steps: int = 1
+    eval_steps: int = 500
+    save_steps: int = 500
+    train_batch_size: int | None = None  # prompts per step (P)
+    num_train_epochs: int = 0
+    num_input_tokens_seen: int = 0
+    total_flos: float = 0.0
+    log_history: list[dict] = field(default_factory=list)
+    best_metric: float | None = None
+    best_global_step: int | None = None
+    best_model_checkpoint: str | None = None
+    is_local_process_zero: bool = True
+    is_world_process_zero: bool = True
+    is_hyper_param_search: bool = False
+    trial_name: str | None = None
+    trial_params: dict | None = None
+    stateful_callbacks: list | None = None

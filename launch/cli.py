@@ -47,6 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--runs", default="runs", help="directory of job records and run directories")
     serve.add_argument("--rewards-dir", help="directory whose .py files jobs may name as reward.fn=file.py:function")
+    serve.add_argument("--data-dir", help="directory whose dataset files jobs may name as task.dataset")
     serve.add_argument(
         "--engine",
         choices=("vllm", "dense"),
@@ -109,6 +110,8 @@ def _serve(args) -> int:
         raise ValueError(f"--port must be between 1 and 65535, got {args.port}")
     if args.rewards_dir and not Path(args.rewards_dir).is_dir():
         raise FileNotFoundError(f"--rewards-dir {args.rewards_dir} is not a directory")
+    if args.data_dir and not Path(args.data_dir).is_dir():
+        raise FileNotFoundError(f"--data-dir {args.data_dir} is not a directory")
     if args.max_tokens < 1:
         raise ValueError(f"--max-tokens must be at least 1, got {args.max_tokens}")
     settings = ServerSettings(
@@ -117,6 +120,7 @@ def _serve(args) -> int:
         api_key=args.api_key or None,
         runs=Path(args.runs),
         rewards_dir=Path(args.rewards_dir) if args.rewards_dir else None,
+        data_dir=Path(args.data_dir) if args.data_dir else None,
         engine=args.engine,
         max_tokens=args.max_tokens,
     )
@@ -158,10 +162,15 @@ def _train(args) -> int:
     try:
         config, out = _load(args)
         from es_serve.models import resolve_model
-        from rewards import get_task, load_reward
+        from rewards import load_reward, task_from_config
 
         # Cheap checks first: a typo in the task should not wait for a model conversion.
-        task = get_task(config.task.name, seed=config.task.seed)
+        if config.task.dataset and not config.reward.fn:
+            raise ConfigError(
+                "a dataset task has no default reward: set reward.fn (a built-in name such as numeric, "
+                "path/to/file.py:function, module:function such as trl.rewards:accuracy_reward, or verl:file.py)"
+            )
+        task = task_from_config(config.task)
         reward = load_reward(config.reward.fn or task.default_reward, weights=config.reward.weights)
         model_dir = resolve_model(config.model.name)
     except ConfigError as exc:

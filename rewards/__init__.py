@@ -5,7 +5,8 @@ Quick reference (details in rewards/README.md):
   completions, columns) -> RewardResult(matrix, valid, per_reward).
 - Reward functions follow TRL: fn(prompts, completions, **columns) -> list[float | None], or per
   sample fn(prompt, completion, **columns) -> float | None (@per_sample), sync or async.
-- get_task("arithmetic", seed=0) -> Task with sample(n, step), eval_rows(n), default_reward.
+- get_task("arithmetic", seed=0) -> Task with sample(n, step), eval_rows(n), default_reward;
+  task_from_config(config.task) also builds DatasetTask (task.dataset: the user's own data).
 """
 
 from .aio import run_sync
@@ -13,6 +14,7 @@ from .answers import exact, final_answer, last_number, math_answer, numeric
 from .base import CombinedReward, Reward
 from .calling import FunctionReward, batched, call_style, per_sample
 from .countdown_rule import IllegalExpression, countdown, evaluate
+from .dataset_task import DatasetTask, DatasetTaskError, load_dataset_task
 from .errors import RewardError, RewardLoadError
 from .formatting import format_answer_tag, format_number, length_penalty, regex_reward
 from .loading import (
@@ -25,8 +27,9 @@ from .loading import (
 )
 from .remote import RemoteReward
 from .result import Batch, RewardResult
+from .reward_log import RewardLog
 from .scoring import as_reward, ascore_population, combine, score_population
-from .tasks import TASKS, Task, get_task, register_task, task_names
+from .tasks import TASKS, Task, get_task, register_task, task_from_config, task_names
 
 __all__ = [
     "BUILTIN_REWARDS",
@@ -34,12 +37,15 @@ __all__ = [
     "TASKS",
     "Batch",
     "CombinedReward",
+    "DatasetTask",
+    "DatasetTaskError",
     "FunctionReward",
     "IllegalExpression",
     "RemoteReward",
     "Reward",
     "RewardError",
     "RewardLoadError",
+    "RewardLog",
     "RewardResult",
     "Task",
     "as_reward",
@@ -58,6 +64,7 @@ __all__ = [
     "get_task",
     "last_number",
     "length_penalty",
+    "load_dataset_task",
     "load_reward",
     "math_answer",
     "numeric",
@@ -67,5 +74,6 @@ __all__ = [
     "resolve_reward",
     "run_sync",
     "score_population",
+    "task_from_config",
     "task_names",
 ]

@@ -22,14 +22,24 @@ class Reward:
     name: str = "reward"
 
     def score(
-        self, prompts: Sequence[str], completions: Sequence[Sequence[str]], columns: Mapping[str, list] | None = None
+        self,
+        prompts: Sequence,
+        completions: Sequence[Sequence[str]],
+        columns: Mapping[str, list] | None = None,
+        **extra,
     ) -> RewardResult:
-        return run_sync(lambda: self.ascore(prompts, completions, columns))
+        """Scores N x P completions. `extra` (keyword only, all optional): completion_ids, prompt_texts,
+        trainer_state, log; see Batch.make."""
+        return run_sync(lambda: self.ascore(prompts, completions, columns, **extra))
 
     async def ascore(
-        self, prompts: Sequence[str], completions: Sequence[Sequence[str]], columns: Mapping[str, list] | None = None
+        self,
+        prompts: Sequence,
+        completions: Sequence[Sequence[str]],
+        columns: Mapping[str, list] | None = None,
+        **extra,
     ) -> RewardResult:
-        batch = Batch.make(prompts, completions, columns)
+        batch = Batch.make(prompts, completions, columns, **extra)
         started = time.perf_counter()
         total, parts = await self.breakdown(batch)
         return RewardResult(total, ~torch.isnan(total), parts, time.perf_counter() - started)

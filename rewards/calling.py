@@ -1,10 +1,17 @@
 """Plain Python reward functions, in TRL's calling convention or one sample at a time.
 
 Batch form (TRL's): `fn(prompts, completions, **columns) -> list[float | None]`, called with keyword
-arguments once per population member: `prompts` and `completions` are that member's P strings and
-every dataset column arrives as a keyword holding a P-long list. Per-sample form:
+arguments once per population member: `prompts` and `completions` are that member's P prompts and
+completions, and every dataset column arrives as a keyword holding a P-long list. Per-sample form:
 `fn(prompt, completion, **columns) -> float | None`, each column value for that one sample.
 Either may be `async def`; async functions are called concurrently (bounded by max_concurrency).
+
+As in TRL's GRPOTrainer, the prompts decide the form: plain prompts give strings, chat prompts
+(lists of role/content messages) give `prompts` as message lists and each completion as
+`[{"role": "assistant", "content": text}]`. When the trainer provides them, functions also get
+`completion_ids` (token ids), `trainer_state` (the fields of transformers' TrainerState: `global_step`,
+`max_steps`) and `log_metric` / `log_extra` (see rewards.reward_log). `text_only=True` (the
+built-ins) keeps strings for chat prompts too.
 
 How the form is decided, first rule that applies:
 1. an explicit `@per_sample` or `@batched` decorator;
@@ -33,6 +40,8 @@ BATCH, SAMPLE = "batch", "sample"
 _STYLE_ATTR = "__es_serve_reward_style__"
 _NAME_ATTR = "__es_serve_reward_name__"
 _RESERVED = {BATCH: ("prompts", "completions"), SAMPLE: ("prompt", "completion")}
+# What the trainer passes besides prompts, completions and columns (TRL's names).
+TRAINER_ARGUMENTS = ("completion_ids", "trainer_state", "log_extra", "log_metric")
 
 
 def per_sample(fn: Callable | None = None, /, *, name: str | None = None):
@@ -113,7 +122,14 @@ def _is_async(fn) -> bool:
 class FunctionReward(Reward):
     """A Python function as a Reward; see the module docstring for the calling convention."""
 
-    def __init__(self, fn: Callable, name: str | None = None, style: str | None = None, max_concurrency: int = 32):
+    def __init__(
+        self,
+        fn: Callable,
+        name: str | None = None,
+        style: str | None = None,
+        max_concurrency: int = 32,
+        text_only: bool = False,
+    ):
         if not callable(fn):
             raise RewardLoadError(f"a reward must be callable, got {type(fn).__name__}")
         if style not in (None, BATCH, SAMPLE):
@@ -124,6 +140,7 @@ class FunctionReward(Reward):
         self.style = style or call_style(fn)
         self.is_async = _is_async(fn)
         self.max_concurrency = max_concurrency
+        self.text_only = text_only
         params = _parameters(fn) or {}
         kinds = inspect.Parameter
         self._takes_all = not params or any(p.kind is kinds.VAR_KEYWORD for p in params.values())
@@ -182,23 +199,54 @@ class FunctionReward(Reward):
     def _batch_kwargs(self, batch: Batch, member: int) -> dict:
         # Copies: a reward that edits its arguments in place must not change what the next member sees.
         columns = {k: list(v) for k, v in batch.columns.items()}
-        return self._select({"prompts": list(batch.prompts), "completions": list(batch.completions[member]), **columns})
+        prompts, completions = self._forms(batch)
+        kwargs = {"prompts": prompts, "completions": [completions(t) for t in batch.completions[member]], **columns}
+        if batch.completion_ids is not None:
+            kwargs["completion_ids"] = [list(ids) for ids in batch.completion_ids[member]]
+        return self._select({**kwargs, **self._trainer_kwargs(batch)})
 
     def _sample_kwargs(self, batch: Batch, member: int, sample: int) -> dict:
         values = {k: v[sample] for k, v in batch.columns.items()}
-        return self._select(
-            {"prompt": batch.prompts[sample], "completion": batch.completions[member][sample], **values}
-        )
+        prompt = batch.prompts[sample]
+        if batch.conversational:
+            text = batch.prompt_texts[sample] if batch.prompt_texts is not None else batch.texts()[sample]
+            prompt = text if self.text_only else [dict(m) for m in prompt]
+        completion = batch.completions[member][sample]
+        if batch.conversational and not self.text_only:
+            completion = _assistant_message(completion)
+        kwargs = {"prompt": prompt, "completion": completion, **values}
+        if batch.completion_ids is not None:
+            kwargs["completion_ids"] = list(batch.completion_ids[member][sample])
+        return self._select({**kwargs, **self._trainer_kwargs(batch)})
+
+    def _forms(self, batch: Batch):
+        """(the prompts, a function making one completion) in the form this reward is given."""
+        if batch.conversational and not self.text_only:
+            return [[dict(m) for m in p] for p in batch.prompts], _assistant_message
+        if batch.conversational:
+            return batch.texts(), str
+        return list(batch.prompts), str
+
+    @staticmethod
+    def _trainer_kwargs(batch: Batch) -> dict:
+        kwargs = {}
+        if batch.trainer_state is not None:
+            kwargs["trainer_state"] = batch.trainer_state
+        if batch.log is not None:
+            kwargs["log_extra"], kwargs["log_metric"] = batch.log.log_extra, batch.log.log_metric
+        return kwargs
 
     def _select(self, kwargs: dict) -> dict:
         return kwargs if self._takes_all else {k: v for k, v in kwargs.items() if k in self._accepted}
 
     def _check_arguments(self, batch: Batch) -> None:
-        reserved = set(_RESERVED[BATCH] + _RESERVED[SAMPLE])
+        reserved = set(_RESERVED[BATCH] + _RESERVED[SAMPLE] + TRAINER_ARGUMENTS)
         clash = sorted(reserved & batch.columns.keys())
         if clash:
             raise RewardError(f"dataset columns {clash} clash with the reward's own arguments", reward=self.name)
-        given = set(_RESERVED[self.style]) | batch.columns.keys()
+        given = set(_RESERVED[self.style]) | batch.columns.keys() | self._trainer_kwargs(batch).keys()
+        if batch.completion_ids is not None:
+            given.add("completion_ids")
         missing = sorted(self._required - given)
         if missing:
             available = ", ".join(sorted(batch.columns)) or "none"
@@ -206,3 +254,7 @@ class FunctionReward(Reward):
                 f"needs argument(s) {', '.join(missing)} but no such column was given (columns: {available})",
                 reward=self.name,
             )
+
+
+def _assistant_message(text: str) -> list[dict]:
+    return [{"role": "assistant", "content": text}]

@@ -25,7 +25,7 @@ def regex_reward(
     def matches(completion: str, **_) -> float:
         return hit if find(completion.strip() if full_match else completion) else miss
 
-    return FunctionReward(matches, name=name)
+    return FunctionReward(matches, name=name, text_only=True)
 
 
 def format_number() -> FunctionReward:
@@ -41,7 +41,7 @@ def format_answer_tag() -> FunctionReward:
         blocks = re.findall(r"<answer>(.*?)</answer>", completion, re.S)
         return 1.0 if len(blocks) == 1 and blocks[0].strip() else 0.0
 
-    return FunctionReward(one_answer_tag)
+    return FunctionReward(one_answer_tag, text_only=True)
 
 
 def length_penalty(max_chars: int = 64, span: int = 256) -> FunctionReward:
@@ -58,4 +58,4 @@ def length_penalty(max_chars: int = 64, span: int = 256) -> FunctionReward:
         over = max(0, len(completion.strip()) - max_chars)
         return -min(1.0, over / span) if over else 0.0
 
-    return FunctionReward(penalty)
+    return FunctionReward(penalty, text_only=True)

@@ -6,7 +6,8 @@ A spec is one of:
   pyproject.toml: [project.entry-points."es_serve.rewards"] my_reward = "my_pkg.rewards:score";
 - `path/to/file.py:function` (relative paths from the working directory);
 - `package.module:function`;
-- `http://host:port/path` or https: a RemoteReward with default settings.
+- `http://host:port/path` or https: a RemoteReward with default settings;
+- `verl:` followed by a file or module spec: a verl `compute_score` function (rewards.verl_convention).
 Several specs separated by commas (or a list of specs) are combined, with `weights` (default 1).
 Built-in names win over entry points of the same name.
 
@@ -36,15 +37,18 @@ from .calling import FunctionReward
 from .countdown_rule import countdown
 from .errors import RewardLoadError
 from .formatting import format_answer_tag, format_number, length_penalty
+from .paths import resolve_inside
 from .scoring import as_reward
+from .verl_convention import PREFIX as VERL_PREFIX
+from .verl_convention import verl_reward
 
 ENTRY_POINT_GROUP = "es_serve.rewards"
 
 BUILTIN_REWARDS: dict[str, Callable[[], Reward]] = {
-    "numeric": lambda: FunctionReward(numeric),
-    "exact": lambda: FunctionReward(exact),
-    "math": lambda: FunctionReward(math_answer),
-    "countdown": lambda: FunctionReward(countdown),
+    "numeric": lambda: FunctionReward(numeric, text_only=True),
+    "exact": lambda: FunctionReward(exact, text_only=True),
+    "math": lambda: FunctionReward(math_answer, text_only=True),
+    "countdown": lambda: FunctionReward(countdown, text_only=True),
     "format_number": format_number,
     "format_answer_tag": format_answer_tag,
     "length_penalty": length_penalty,
@@ -101,6 +105,8 @@ def resolve_reward(
             raise RewardLoadError(f"only reward names are accepted here, got a {type(spec).__name__}")
         return as_reward(spec)
     spec = spec.strip()
+    if spec.startswith(VERL_PREFIX):
+        return _verl(spec, restricted, reward_dir)
     if spec.startswith(("http://", "https://")):
         if restricted:
             raise _refused(spec, "reward server URLs are not accepted", reward_dir)
@@ -135,14 +141,37 @@ def _split(spec) -> list:
     return [spec]
 
 
+def _verl(spec: str, restricted: bool, reward_dir) -> Reward:
+    inner = spec[len(VERL_PREFIX) :].strip()
+    if inner.endswith(".py") or ":" not in inner:
+        inner += ":compute_score"  # verl's own default name
+    source, _, attr = inner.rpartition(":")
+    if not source or not attr:
+        raise RewardLoadError(f"reward spec {spec!r} must be verl:path/to/file.py[:function] or verl:module:function")
+    if source.endswith(".py") or "/" in source or "\\" in source:
+        obj = _file_object(spec, source, attr, restricted, reward_dir)
+    elif restricted:
+        raise _refused(spec, "module imports are not accepted", reward_dir)
+    else:
+        obj = _module_object(spec, source, attr)
+    try:
+        return verl_reward(obj)
+    except TypeError as exc:
+        raise RewardLoadError(f"reward spec {spec!r}: {exc}") from None
+
+
 def _from_file(spec: str, source: str, attr: str, restricted: bool, reward_dir) -> Reward:
+    return _wrap(spec, _file_object(spec, source, attr, restricted, reward_dir))
+
+
+def _file_object(spec: str, source: str, attr: str, restricted: bool, reward_dir):
     path = Path(source).expanduser()
     if restricted:
         if reward_dir is None:
             raise _refused(spec, "files are not accepted (no reward directory is configured)", reward_dir)
-        root = Path(reward_dir).expanduser().resolve()
-        path = (path if path.is_absolute() else root / path).resolve()
-        if not path.is_relative_to(root):
+        path = resolve_inside(path, reward_dir)
+        if path is None:
+            root = Path(reward_dir).expanduser().resolve()
             raise _refused(spec, f"the file is outside the reward directory {root}", reward_dir)
     if path.suffix != ".py":
         raise RewardLoadError(f"reward spec {spec!r}: {path} is not a .py file")
@@ -160,15 +189,19 @@ def _from_file(spec: str, source: str, attr: str, restricted: bool, reward_dir) 
     except Exception as exc:
         del sys.modules[module_name]
         raise RewardLoadError(f"reward spec {spec!r}: importing {path} failed: {type(exc).__name__}: {exc}") from exc
-    return _wrap(spec, _attribute(spec, module, attr, str(path)))
+    return _attribute(spec, module, attr, str(path))
 
 
 def _from_module(spec: str, source: str, attr: str) -> Reward:
+    return _wrap(spec, _module_object(spec, source, attr))
+
+
+def _module_object(spec: str, source: str, attr: str):
     try:
         module = importlib.import_module(source)
     except ImportError as exc:
         raise RewardLoadError(f"reward spec {spec!r}: cannot import module {source!r}: {exc}") from exc
-    return _wrap(spec, _attribute(spec, module, attr, f"module {source}"))
+    return _attribute(spec, module, attr, f"module {source}")
 
 
 def _from_entry_point(name: str, ep: importlib.metadata.EntryPoint) -> Reward:
@@ -216,12 +249,16 @@ def _allowed(restricted: bool, reward_dir) -> str:
     parts.append(f"installed ({ENTRY_POINT_GROUP} entry points): {', '.join(installed) if installed else 'none'}")
     if restricted:
         parts.append(
-            f"or a .py file inside {Path(reward_dir).expanduser().resolve()} as file.py:function"
+            f"or a .py file inside {Path(reward_dir).expanduser().resolve()} as file.py:function "
+            "(verl:file.py:function for verl's compute_score)"
             if reward_dir is not None
             else "no file or module rewards are accepted here"
         )
     else:
-        parts.append("or path/to/file.py:function, module:function, or an http(s):// reward server URL")
+        parts.append(
+            "or path/to/file.py:function, module:function, verl:file.py:function (verl's compute_score), "
+            "or an http(s):// reward server URL"
+        )
     return "; ".join(parts)
 
 

@@ -92,11 +92,13 @@ class RemoteReward(Reward):
     async def _request(self, session, gate, batch: Batch, labels, chunk) -> list:
         member, sample = chunk[0]
         where = _describe(chunk)
+        # OpenRLHF's format is text: chat prompts go as the model saw them, chat template applied.
+        texts = batch.texts()
         try:
             body = json.dumps(
                 {
-                    "query": [batch.prompts[p] + batch.completions[i][p] for i, p in chunk],
-                    "prompts": [batch.prompts[p] for _, p in chunk],
+                    "query": [texts[p] + batch.completions[i][p] for i, p in chunk],
+                    "prompts": [texts[p] for _, p in chunk],
                     "labels": [labels[p] if labels is not None else None for _, p in chunk],
                 },
                 default=str,

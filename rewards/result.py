@@ -14,11 +14,21 @@ from .errors import RewardError
 
 @dataclass(frozen=True)
 class Batch:
-    """One step's scoring input: P prompts, N x P completions (member x prompt), P-long columns."""
+    """One step's scoring input: P prompts, N x P completions (member x prompt), P-long columns.
 
-    prompts: list[str]
+    A prompt is a string or, for chat data, a list of messages (TRL's "conversational" form; the
+    first prompt decides, as in TRL). `prompt_texts` are the prompts as the model saw them (chat
+    template applied). `completion_ids` (N x P token id lists), `trainer_state` and `log` (a
+    RewardLog) are passed on to reward functions that ask for them.
+    """
+
+    prompts: list
     completions: list[list[str]]
     columns: dict[str, list] = field(default_factory=dict)
+    completion_ids: list[list[list[int]]] | None = None
+    prompt_texts: list[str] | None = None
+    trainer_state: object | None = None
+    log: object | None = None
 
     @property
     def members(self) -> int:
@@ -28,8 +38,30 @@ class Batch:
     def size(self) -> int:
         return len(self.prompts)
 
+    @property
+    def conversational(self) -> bool:
+        """TRL's rule: chat form when the first prompt is a list of role/content messages."""
+        first = self.prompts[0] if self.prompts else None
+        return isinstance(first, list) and bool(first) and isinstance(first[0], Mapping) and "role" in first[0]
+
+    def texts(self) -> list[str]:
+        """The prompts as text: the rendered ones when given, else the prompts themselves."""
+        if self.prompt_texts is not None:
+            return list(self.prompt_texts)
+        return [p if isinstance(p, str) else "".join(str(m.get("content", "")) for m in p) for p in self.prompts]
+
     @classmethod
-    def make(cls, prompts: Sequence[str], completions: Sequence[Sequence[str]], columns: Mapping | None) -> Batch:
+    def make(
+        cls,
+        prompts: Sequence,
+        completions: Sequence[Sequence[str]],
+        columns: Mapping | None,
+        *,
+        completion_ids: Sequence | None = None,
+        prompt_texts: Sequence[str] | None = None,
+        trainer_state: object | None = None,
+        log: object | None = None,
+    ) -> Batch:
         prompts = list(prompts)
         if isinstance(completions, str) or any(isinstance(row, str) for row in completions):
             raise ValueError(
@@ -46,7 +78,17 @@ class Batch:
             if len(values) != len(prompts):
                 raise ValueError(f"column {key!r} has {len(values)} values for {len(prompts)} prompts")
             cols[key] = list(values)
-        return cls(prompts, rows, cols)
+        ids = None
+        if completion_ids is not None:
+            ids = [[list(x) for x in row] for row in completion_ids]
+            if [len(r) for r in ids] != [len(r) for r in rows]:
+                raise ValueError("completion_ids must have the completions' N x P shape")
+        texts = None
+        if prompt_texts is not None:
+            texts = list(prompt_texts)
+            if len(texts) != len(prompts):
+                raise ValueError(f"{len(texts)} prompt texts for {len(prompts)} prompts")
+        return cls(prompts, rows, cols, ids, texts, trainer_state, log)
 
 
 @dataclass

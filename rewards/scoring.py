@@ -41,13 +41,15 @@ def score_population(
     prompts: Sequence[str],
     completions: Sequence[Sequence[str]],
     columns: Mapping[str, list] | None = None,
+    **extra,
 ) -> RewardResult:
     """Scores N x P completions (member x prompt) of the same P prompts; columns are P-long lists.
 
     Works from synchronous code whether or not an event loop is running; raises RewardError
-    naming the reward, member and sample when a reward fails or returns NaN or inf.
+    naming the reward, member and sample when a reward fails or returns NaN or inf. `extra` as in
+    Reward.score (completion_ids, prompt_texts, trainer_state, log).
     """
-    return as_reward(reward).score(prompts, completions, columns)
+    return as_reward(reward).score(prompts, completions, columns, **extra)
 
 
 async def ascore_population(
@@ -55,6 +57,7 @@ async def ascore_population(
     prompts: Sequence[str],
     completions: Sequence[Sequence[str]],
     columns: Mapping[str, list] | None = None,
+    **extra,
 ) -> RewardResult:
     """score_population for callers inside an event loop."""
-    return await as_reward(reward).ascore(prompts, completions, columns)
+    return await as_reward(reward).ascore(prompts, completions, columns, **extra)

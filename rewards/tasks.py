@@ -168,3 +168,25 @@ def get_task(name: str, seed: int = 0, **options) -> Task:
         return TASKS[name](seed=seed, **options)
     except TypeError as exc:
         raise ValueError(f"task {name!r}: {exc}") from None
+
+
+def task_from_config(cfg, *, data_dir=None, restricted: bool = False):
+    """The task a TaskConfig names: a built-in task, or a DatasetTask when `task.dataset` is set.
+
+    `restricted` (server jobs): dataset files only inside `data_dir`. Errors are ValueErrors; those
+    about the data carry `.field`, the configuration key to fix.
+    """
+    from .dataset_task import DatasetTaskError, load_dataset_task
+
+    if cfg.dataset:
+        if cfg.name in TASKS:
+            raise DatasetTaskError(
+                f"task.name={cfg.name!r} is a built-in task but task.dataset is set too; drop task.name "
+                "(or give it a label of your own) to train on the dataset",
+                "task.name",
+            )
+        return load_dataset_task(cfg, data_dir=data_dir, restricted=restricted)
+    for key, default in (("eval_dataset", None), ("eval_split", None), ("split", "train"), ("prompt_column", "prompt")):
+        if getattr(cfg, key) != default:
+            raise DatasetTaskError(f"task.{key} applies to dataset tasks only: set task.dataset too", f"task.{key}")
+    return get_task(cfg.name, seed=cfg.seed)

@@ -18,7 +18,7 @@ class CountReward:
     def __init__(self, fail_on_call=None):
         self.calls, self.fail_on_call = 0, fail_on_call
 
-    def score(self, prompts, completions, columns):
+    def score(self, prompts, completions, columns, **extra):
         self.calls += 1
         if self.fail_on_call == self.calls:
             raise RuntimeError("reward server went away")

@@ -199,15 +199,13 @@ class JobManager:
     def _run(self, job_id: str) -> None:
         from ..models import resolve_model
         from ..trainer import Trainer
-        from .validation import load_job_reward
+        from .validation import job_task, load_job_reward
 
         job = self.store.get(job_id)
         if job is None or job["status"] != QUEUED:
             return
         config = Config.model_validate(job["config"])
-        from rewards import get_task
-
-        task = get_task(config.task.name, seed=config.task.seed)
+        task = job_task(config, self.settings)
         reward = load_job_reward(config, task, self.settings)
         model_dir = resolve_model(config.model.name)
         run = RunDir(job["run_dir"])

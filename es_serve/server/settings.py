@@ -13,6 +13,8 @@ class ServerSettings:
     api_key: str | None = None
     runs: Path = Path("runs")
     rewards_dir: Path | None = None
+    # Jobs may name dataset files (task.dataset) only inside this directory; none at all without it.
+    data_dir: Path | None = None
     # Engine kind used when a completion names a model before any job has loaded an engine for it.
     engine: str = "vllm"
     # Bounds on what one request may ask for; they keep a single client from exhausting the machine.
@@ -29,6 +31,8 @@ class ServerSettings:
         self.runs = Path(self.runs)
         if self.rewards_dir is not None:
             self.rewards_dir = Path(self.rewards_dir)
+        if self.data_dir is not None:
+            self.data_dir = Path(self.data_dir)
 
     @property
     def jobs_dir(self) -> Path:

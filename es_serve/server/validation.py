@@ -1,7 +1,7 @@
 """Checking a submitted job before it is queued: every bad field is named in one 422 answer.
 
 Everything that can be checked without loading a model is checked here (configuration keys and
-types, task, reward, model name, bounds), so a job that is accepted fails later only for reasons a
+types, task and its dataset, reward, model name, bounds), so a job that is accepted fails later only for reasons a
 request cannot see, such as running out of memory.
 """
 
@@ -47,12 +47,12 @@ def parse_job(body, settings: ServerSettings) -> Config:
     errors = []
     task = None
     try:
-        from rewards import get_task
-
-        task = get_task(config.task.name, seed=config.task.seed)
+        task = job_task(config, settings)
     except ValueError as exc:
-        errors.append(("task.name", str(exc)))
-    if task is not None:
+        errors.append((getattr(exc, "field", "task.name"), str(exc)))
+    if config.task.dataset and not config.reward.fn:
+        errors.append(("reward.fn", "a dataset task has no default reward: set reward.fn"))
+    elif task is not None:
         try:
             load_job_reward(config, task, settings)
         except ValueError as exc:
@@ -73,6 +73,13 @@ def parse_job(body, settings: ServerSettings) -> Config:
     if errors:
         raise FieldErrors(errors)
     return config
+
+
+def job_task(config: Config, settings: ServerSettings):
+    """The job's task; dataset files only from the operator's data directory (--data-dir)."""
+    from rewards import task_from_config
+
+    return task_from_config(config.task, data_dir=settings.data_dir, restricted=True)
 
 
 def load_job_reward(config: Config, task, settings: ServerSettings):

@@ -60,9 +60,9 @@ class ESWorkerExtension:
         layers = read_safetensors(model_dir, lambda n: ".layers." in n)
         targets = find_targets(layers, modules)
         trained = {t.param for t in targets}
-        # A reload rebuilds whole vLLM layers: every tensor of a layer it touches must be supplied, or
-        # vLLM fills the missing ones from uninitialised memory. So the untrained shards of a fused
-        # layer (q/k/v, gate/up) and every bias (Qwen2's q/k/v) ride along unchanged.
+        # A reload rebuilds whole vLLM layers: it allocates a touched layer's tensors with torch.empty
+        # and copies in what it is given, so every tensor of that layer must be supplied. The
+        # untrained shards of a fused layer (q/k/v, gate/up) and every bias (Qwen2's) ride along.
         companions = set()
         for t in targets:
             prefix = t.param.rsplit(".", 2)[0]

@@ -142,7 +142,7 @@ def export_run(
             if item.is_file() and item.suffix != ".safetensors" and item.name not in _NOT_COPIED:
                 if not item.name.startswith((".", "es-serve-")):
                     shutil.copy2(item, tmp / item.name)
-        (tmp / "README.md").write_text(model_card(config, run, step, out_dir.name))
+        (tmp / "README.md").write_text(model_card(config, run, step, push_to or out_dir.name))
         if out_dir.exists():
             out_dir.rmdir()
         os.replace(tmp, out_dir)

@@ -130,9 +130,11 @@ def download_from_hub(repo_id: str) -> Path:
             f"model {repo_id!r} is a Hub id, which needs huggingface_hub: pip install huggingface_hub"
         ) from None
     offline = hub_offline()
+    # Read now rather than when huggingface_hub was imported, so a cache set by the caller counts.
+    cache = os.environ.get("HF_HUB_CACHE") or None
     try:
         # A copy already in the cache is used without a network call, online or offline.
-        return Path(snapshot_download(repo_id, allow_patterns=_HUB_FILES, local_files_only=True))
+        return Path(snapshot_download(repo_id, allow_patterns=_HUB_FILES, local_files_only=True, cache_dir=cache))
     except Exception:
         if offline:
             raise ValueError(
@@ -142,7 +144,7 @@ def download_from_hub(repo_id: str) -> Path:
                 f"--local-dir DIR`) and set model.name to DIR"
             ) from None
     try:
-        path = Path(snapshot_download(repo_id, allow_patterns=_HUB_FILES))
+        path = Path(snapshot_download(repo_id, allow_patterns=_HUB_FILES, cache_dir=cache))
     except Exception as exc:  # network, unknown repository, gated model: one message with the reason
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ValueError(

@@ -177,3 +177,35 @@ def test_bad_shard_size_is_refused(qwen2_dir, tmp_path):
     run = _run_dir(tmp_path / "run", qwen2_dir)
     with pytest.raises(ValueError, match="--max-shard-size 'lots'"):
         export_run(run.path, tmp_path / "out", max_shard_size="lots")
+
+
+def test_export_keeps_the_base_models_dtype(qwen2_dir, tmp_path):
+    import shutil
+
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from es_serve.export import trained_weights
+
+    bf16_dir = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(str(qwen2_dir), dtype=torch.bfloat16).save_pretrained(str(bf16_dir))
+    for item in qwen2_dir.glob("tokenizer*"):
+        shutil.copy2(item, bf16_dir / item.name)
+    run = _run_dir(tmp_path / "run", bf16_dir)
+    out = export_run(run.path, tmp_path / "out")
+    _, trained = trained_weights(run, bf16_dir, run_config_modules(run))
+    with (
+        safe_open(str(out / "model.safetensors"), "pt") as f,
+        safe_open(str(bf16_dir / "model.safetensors"), "pt") as b,
+    ):
+        for name in b.keys():  # noqa: SIM118
+            got = f.get_tensor(name)
+            assert got.dtype == torch.bfloat16, name
+            want = trained[name].to(torch.bfloat16) if name in trained else b.get_tensor(name)
+            assert torch.equal(got, want), name
+
+
+def run_config_modules(run):
+    from es_serve.config import load_config
+
+    return load_config(run.config_path).es.modules

@@ -106,3 +106,25 @@ def test_a_wrong_lora_scaling_is_caught(monkeypatch):
     # The dense reference does not go through the adapter code, so it keeps the right scale.
     ratio = (lora_b.double() @ lora_a.double()).norm() / reference_delta(POP, 1, t, 3, 2).norm()
     assert ratio == pytest.approx(0.5, rel=1e-6)  # sqrt(4) / 4
+
+
+def test_hub_id_in_the_local_cache_resolves_offline(monkeypatch, tmp_path):
+    import shutil
+
+    from es_serve.tiny_model import build_tiny_model
+
+    # The Hub cache's own layout: models--owner--name/{refs/main, snapshots/<revision>/...}.
+    repo = tmp_path / "hub" / "models--someone--tiny-qwen3"
+    snapshot = repo / "snapshots" / "0123abcd"
+    build_tiny_model(tmp_path / "built", "qwen3")
+    shutil.copytree(tmp_path / "built", snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert resolve_model("someone/tiny-qwen3") == snapshot
+    # An architecture outside the tested list is refused even when it comes from the Hub.
+    config = json.loads((snapshot / "config.json").read_text())
+    (snapshot / "config.json").write_text(json.dumps({**config, "architectures": ["MambaForCausalLM"]}))
+    with pytest.raises(ValueError, match="MambaForCausalLM; es-serve supports"):
+        resolve_model("someone/tiny-qwen3")

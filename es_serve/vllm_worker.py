@@ -60,9 +60,10 @@ class ESWorkerExtension:
         layers = read_safetensors(model_dir, lambda n: ".layers." in n)
         targets = find_targets(layers, modules)
         trained = {t.param for t in targets}
-        # A reload rebuilds whole vLLM layers: it allocates a touched layer's tensors with torch.empty
-        # and copies in what it is given, so every tensor of that layer must be supplied. The
-        # untrained shards of a fused layer (q/k/v, gate/up) and every bias (Qwen2's) ride along.
+        # vLLM's layerwise reload processes a layer once all its tensors have arrived, and a partly
+        # supplied one only at the end, re-allocating the tensors it did not get. So every tensor of a
+        # touched layer is supplied: the untrained shards of a fused layer (q/k/v, gate/up) and every
+        # bias (Qwen2's) ride along unchanged.
         companions = set()
         for t in targets:
             prefix = t.param.rsplit(".", 2)[0]

@@ -33,6 +33,11 @@ def arch(request, tmp_path_factory):
     engine.close()
 
 
+def _vectors(worker):
+    """vLLM's live 1-D tensors (biases, norm weights), by name; what a merge must leave alone."""
+    return {n: t.detach().clone() for n, t in worker.model_runner.model.named_parameters() if t.dim() == 1}
+
+
 def _tokens(rows):
     return [[c.token_ids for c in row] for row in rows]
 
@@ -61,7 +66,12 @@ def test_merge_matches_dense_keeps_untrained_tensors_and_exports(arch, tmp_path)
     gen = Generation(POP, seed=9, epoch=1)
     shaped = shape_fitness(torch.randn(POP.size, 3, generator=torch.Generator().manual_seed(1)), "centered")
     before = [c.token_ids for c in engine.generate(PROMPTS, GREEDY)]
+    vectors = engine.llm.collective_rpc(_vectors)[0]
     engine.apply_update(gen, shaped, lr=1.0)
+    after = engine.llm.collective_rpc(_vectors)[0]
+    assert vectors.keys() == after.keys() and all(torch.equal(vectors[k], after[k]) for k in vectors), name
+    if name == "qwen2":
+        assert sum(k.endswith("qkv_proj.base_layer.bias") for k in after) == 2, sorted(after)
     dense.apply_update(gen, shaped, lr=1.0)
     for param, w in engine.state_dict().items():
         torch.testing.assert_close(w, dense.master[param], rtol=0, atol=0)

@@ -142,7 +142,8 @@ def export_run(
             if item.is_file() and item.suffix != ".safetensors" and item.name not in _NOT_COPIED:
                 if not item.name.startswith((".", "es-serve-")):
                     shutil.copy2(item, tmp / item.name)
-        (tmp / "README.md").write_text(model_card(config, run, step, push_to or out_dir.name))
+        modules = list(dict.fromkeys(name.split(".")[-2] for name in trained))
+        (tmp / "README.md").write_text(model_card(config, run, step, push_to or out_dir.name, modules))
         if out_dir.exists():
             out_dir.rmdir()
         os.replace(tmp, out_dir)

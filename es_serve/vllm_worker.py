@@ -25,7 +25,8 @@ from adapters import Population, apply_update, find_targets, member_state_dict, 
 from .weights import read_safetensors
 
 SCHEME = "es://"
-# vLLM fuses these projections into one kernel; a reload must supply every shard of a fused layer.
+# vLLM fuses these projections into one layer; a reload must supply every shard of a fused layer. (A
+# checkpoint that stores them fused already, as Phi-3's qkv_proj, is one shard.)
 FUSED = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up", "up_proj": "gate_up"}
 SHARDS = {"qkv": ("q_proj", "k_proj", "v_proj"), "gate_up": ("gate_proj", "up_proj")}
 
@@ -59,13 +60,15 @@ class ESWorkerExtension:
         layers = read_safetensors(model_dir, lambda n: ".layers." in n)
         targets = find_targets(layers, modules)
         trained = {t.param for t in targets}
-        # Untrained shards of a fused layer ride along unchanged so a reload always sees whole layers.
+        # vLLM's layerwise reload processes a layer once all its tensors have arrived, and a partly
+        # supplied one only at the end, re-allocating the tensors it did not get. So every tensor of a
+        # touched layer is supplied: the untrained shards of a fused layer (q/k/v, gate/up) and every
+        # bias (Qwen2's) ride along unchanged.
         companions = set()
         for t in targets:
-            group = FUSED.get(t.module)
-            if group:
-                prefix = t.param.rsplit(".", 2)[0]
-                companions.update(f"{prefix}.{shard}.weight" for shard in SHARDS[group])
+            prefix = t.param.rsplit(".", 2)[0]
+            shards = SHARDS.get(FUSED.get(t.module), (t.module,))
+            companions.update(f"{prefix}.{shard}.{kind}" for shard in shards for kind in ("weight", "bias"))
         self._es_targets = targets
         self._es_master = {n: w for n, w in layers.items() if n in trained or n in companions}
         self._es_cache: dict[str, dict[str, torch.Tensor]] = {}

@@ -35,9 +35,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("bench_args", nargs=argparse.REMAINDER)
 
-    export = sub.add_parser("export", help="write a run's trained model as a Hugging Face directory")
+    export = sub.add_parser(
+        "export", help="write a run's trained model as a Hugging Face directory (sharded safetensors, model card)"
+    )
     export.add_argument("run_dir")
     export.add_argument("out_dir")
+    export.add_argument(
+        "--max-shard-size", default="5GB", help="largest safetensors file, e.g. 500MB (default 5GB, as the Hub's)"
+    )
+    export.add_argument("--push-to-hub", metavar="REPO", help="also upload the directory to this Hub model repository")
+    export.add_argument("--private", action="store_true", help="create the Hub repository as private")
 
     serve = sub.add_parser("serve", help="the training server: jobs API, live metrics, OpenAI-style completions")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
@@ -64,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         # Its options belong to benchmarks/throughput.py; argparse would claim them for this parser.
         argv = ["bench", "--", *argv[1:]]
     args = _parser().parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if not getattr(args, "push_to_hub", None):  # a push is an explicit request for the network
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         if args.command == "train":
             return _train(args)
@@ -98,8 +106,15 @@ def _models() -> int:
 def _export(args) -> int:
     from es_serve.export import export_run
 
-    out = export_run(Path(args.run_dir), Path(args.out_dir))
-    print(f"exported {args.run_dir} to {out}")
+    shard = args.max_shard_size
+    out = export_run(
+        Path(args.run_dir),
+        Path(args.out_dir),
+        max_shard_size=int(shard) if shard.isdigit() else shard,
+        push_to=args.push_to_hub,
+        private=args.private,
+    )
+    print(f"exported {args.run_dir} to {out}" + (f" and pushed it to {args.push_to_hub}" if args.push_to_hub else ""))
     return 0
 
 

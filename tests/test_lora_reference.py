@@ -25,7 +25,9 @@ def test_lora_matmul_equals_dense_perturbation_per_layer(dense):
         lora_out = x_in @ w.T + x_in @ lora_a.double().T @ lora_b.double().T
         with dense.perturbed(GEN, 3):
             dense_out = x_in @ dense.params[t.param].T
-        torch.testing.assert_close(lora_out, dense_out, rtol=1e-10, atol=1e-10)
+        # The reference builds E_i from the float32 noise factors, the adapter from float32 tensors
+        # with sqrt(sigma) folded in: they agree to float32 rounding, far below a scaling error.
+        torch.testing.assert_close(lora_out, dense_out, rtol=0, atol=1e-6)
 
 
 def test_peft_adapter_gives_dense_member_logits(dense, tiny_model_dir, tmp_path):
@@ -41,7 +43,7 @@ def test_peft_adapter_gives_dense_member_logits(dense, tiny_model_dir, tmp_path)
         with torch.no_grad():
             peft_logits = peft_model(torch.tensor([ids])).logits[0]
         dense_logits = dense.logits(ids, GEN, member)
-        torch.testing.assert_close(peft_logits, dense_logits, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(peft_logits, dense_logits, rtol=0, atol=2e-5)  # float32 adapter rounding
         # The perturbation is large enough to matter, or this comparison would prove nothing.
         assert (dense_logits - base_logits).abs().max() > 1e-2
         base = peft_model.unload()

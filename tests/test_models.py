@@ -57,7 +57,7 @@ def test_directory_without_config_is_rejected(tmp_path):
 
 
 def test_local_directory_is_accepted(tmp_path):
-    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "config.json").write_text('{"architectures": ["Qwen2ForCausalLM"]}')
     assert resolve_model(str(tmp_path)) == tmp_path.resolve()
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from adapters import Population, noise_epoch, shape_fitness
+from adapters.noise import NOISE_VERSION
 
 from .config import Config
 from .run_dir import RunDir
@@ -108,6 +109,7 @@ class Trainer:
                 "step": step,
                 "seed": gen.seed,
                 "epoch": gen.epoch,
+                "noise": NOISE_VERSION,  # the engines draw members and the update with this version
                 "population": {"size": pop.size, "rank": pop.rank, "sigma": pop.sigma, "antithetic": pop.antithetic},
                 "lr": self.config.es.lr,
                 "scaling": self.config.es.scaling,

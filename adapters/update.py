@@ -141,7 +141,8 @@ def apply_update(
 ) -> None:
     """Adds delta W to each float32 master weight in place (weights keyed by parameter name).
 
-    addmm_ accumulates straight into the master, so no m x n delta is ever allocated.
+    addmm_ accumulates straight into the master, so no m x n delta is ever allocated. noise is the
+    noise version to redraw (default adapters.noise.NOISE_VERSION; a replay passes its step's own).
     """
     for target in targets:
         w = weights[target.param]

@@ -1,14 +1,23 @@
 """The math of an EGGROLL population member, in pure torch (no vLLM import)."""
 
 from .lora import lora_from_factors, member_delta, member_lora, member_state_dict, peft_config, write_peft_adapter
-from .noise import NoiseKey, noise_epoch, pair_factors, stacked_factors
+from .noise import NOISE_VERSION, NoiseKey, many_factors, noise_epoch, pair_factors, stacked_factors
 from .population import Population
 from .shaping import SHAPINGS, shape_fitness
 from .targets import DEFAULT_MODULES, Target, find_targets
-from .update import SCALINGS, apply_update, draw_coefficients, lowrank_sum, matrix_updates, update_factor
+from .update import (
+    SCALINGS,
+    apply_update,
+    draw_coefficients,
+    lowrank_sum,
+    matrix_updates,
+    merge_tolerance,
+    update_factor,
+)
 
 __all__ = [
     "DEFAULT_MODULES",
+    "NOISE_VERSION",
     "SCALINGS",
     "SHAPINGS",
     "NoiseKey",
@@ -19,7 +28,9 @@ __all__ = [
     "find_targets",
     "lora_from_factors",
     "lowrank_sum",
+    "many_factors",
     "matrix_updates",
+    "merge_tolerance",
     "member_delta",
     "member_lora",
     "member_state_dict",

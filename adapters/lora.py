@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .noise import NoiseKey, pair_factors
+from .noise import NoiseKey, many_factors, pair_factors
 from .population import Population
 from .targets import Target
 
@@ -28,28 +28,30 @@ def lora_from_factors(a: torch.Tensor, b: torch.Tensor, sign: int, sigma: float)
 
 
 def member_lora(
-    pop: Population, member: int, target: Target, seed: int, epoch: int
+    pop: Population, member: int, target: Target, seed: int, epoch: int, noise: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     key = NoiseKey(seed, epoch, pop.draw_of(member), target.layer, target.module)
-    a, b = pair_factors(key, target.out_features, target.in_features, pop.rank)
+    a, b = pair_factors(key, target.out_features, target.in_features, pop.rank, noise)
     return lora_from_factors(a, b, pop.sign_of(member), pop.sigma)
 
 
 def member_delta(
-    pop: Population, member: int, target: Target, seed: int, epoch: int, dtype=torch.float64
+    pop: Population, member: int, target: Target, seed: int, epoch: int, dtype=torch.float64, noise: int | None = None
 ) -> torch.Tensor:
     """E_i for one matrix, materialised (m x n); for references and tests, never on the hot path."""
-    lora_a, lora_b = member_lora(pop, member, target, seed, epoch)
+    lora_a, lora_b = member_lora(pop, member, target, seed, epoch, noise)
     return lora_b.to(dtype) @ lora_a.to(dtype)
 
 
 def member_state_dict(
-    pop: Population, member: int, targets: Sequence[Target], seed: int, epoch: int
+    pop: Population, member: int, targets: Sequence[Target], seed: int, epoch: int, noise: int | None = None
 ) -> dict[str, torch.Tensor]:
-    """The adapter tensors under PEFT's key names."""
+    """The adapter tensors under PEFT's key names; every matrix's noise drawn in one pass."""
+    keys = [NoiseKey(seed, epoch, pop.draw_of(member), t.layer, t.module) for t in targets]
+    factors = many_factors(keys, [(t.out_features, t.in_features) for t in targets], pop.rank, noise)
     tensors = {}
-    for target in targets:
-        lora_a, lora_b = member_lora(pop, member, target, seed, epoch)
+    for target, (a, b) in zip(targets, factors, strict=True):
+        lora_a, lora_b = lora_from_factors(a, b, pop.sign_of(member), pop.sigma)
         tensors[f"{target.peft_prefix}.lora_A.weight"] = lora_a
         tensors[f"{target.peft_prefix}.lora_B.weight"] = lora_b
     return tensors
@@ -81,13 +83,14 @@ def write_peft_adapter(
     seed: int,
     epoch: int,
     base_model: str = "",
+    noise: int | None = None,
 ) -> Path:
     """An adapter directory that `peft.PeftModel.from_pretrained` and vLLM's `LoRARequest` load."""
     from safetensors.torch import save_file
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tensors = member_state_dict(pop, member, targets, seed, epoch)
+    tensors = member_state_dict(pop, member, targets, seed, epoch, noise)
     # Written under temporary names and renamed so a reader never sees half an adapter.
     tmp_weights, tmp_config = path / ".adapter_model.tmp", path / ".adapter_config.tmp"
     save_file(tensors, str(tmp_weights))

@@ -2,14 +2,38 @@
 
 A member's noise is never stored or sent anywhere; any process that knows the key regenerates the
 exact numbers. That is what lets the update travel as seeds plus fitness values.
+
+Noise versions (recorded in every replay line as "noise"):
+- 1: torch.randn on a CPU torch.Generator seeded with the key's hash. Its float32 bits depend on
+  torch's CPU kernels (the AVX2/AVX-512 and the generic Box-Muller differ), so a run drawn with it
+  rebuilds exactly only where torch draws the same bits. Kept so old runs resume, replay and export.
+- 2: a counter-based SplitMix64 stream per key and an exact-operation ziggurat (adapters/normal.py):
+  the same float32 bits on every IEEE-754 machine. Everything new draws this (NOISE_VERSION).
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+
+from . import normal
+
+NOISE_VERSION = 2
+NOISE_VERSIONS = {
+    1: "torch.randn on a CPU generator (bits depend on torch's CPU kernels)",
+    2: "SplitMix64 counters and an exact-operation ziggurat (the same bits on every machine)",
+}
+
+
+def check_noise_version(version) -> int:
+    if isinstance(version, bool) or version not in NOISE_VERSIONS:
+        known = ", ".join(f"{v} ({d})" for v, d in NOISE_VERSIONS.items())
+        raise ValueError(f"unknown noise version {version!r}; this es-serve draws versions {known}")
+    return version
 
 
 @dataclass(frozen=True)
@@ -22,12 +46,19 @@ class NoiseKey:
     layer: int
     module: str
 
-    def generator_seed(self) -> int:
+    def _text(self) -> str:
         # A cryptographic hash rather than arithmetic on the fields: seed + layer style mixing gives
         # colliding or correlated streams for neighbouring keys (pair 1 layer 0 vs pair 0 layer 1).
-        text = f"eggroll/{self.seed}/{self.epoch}/{self.pair}/{self.layer}/{self.module}"
-        digest = hashlib.blake2b(text.encode(), digest_size=8).digest()
+        return f"eggroll/{self.seed}/{self.epoch}/{self.pair}/{self.layer}/{self.module}"
+
+    def generator_seed(self) -> int:
+        """The torch.Generator seed of noise version 1."""
+        digest = hashlib.blake2b(self._text().encode(), digest_size=8).digest()
         return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+    def stream_start(self) -> int:
+        """The 64-bit counter start of noise version 2 (another hash than version 1's seed)."""
+        return normal.stream_start(self._text() + "/v2")
 
 
 def check_rank(rank: int) -> None:
@@ -35,40 +66,83 @@ def check_rank(rank: int) -> None:
         raise ValueError(f"rank must be an integer >= 1, got {rank!r}")
 
 
-def pair_factors(key: NoiseKey, m: int, n: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A (m x r) and B (n x r) for one pair and one matrix, float32, on the CPU.
-
-    Drawn on the CPU generator whatever the target device, because torch's CPU stream (mt19937) is
-    the one that is identical across processes, machines and torch builds with and without CUDA.
-    """
-    check_rank(rank)
+def _check_shape(m: int, n: int) -> None:
     if m < 1 or n < 1:
         raise ValueError(f"matrix shape must be positive, got ({m}, {n})")
-    z = torch.empty(m + n, rank, dtype=torch.float32)
-    _draw(key, z, torch.Generator(device="cpu"))
-    return z[:m], z[m:]
 
 
-def _draw(key: NoiseKey, out: torch.Tensor, gen: torch.Generator) -> None:
+def pair_factors(
+    key: NoiseKey, m: int, n: int, rank: int, noise: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A (m x r) and B (n x r) for one pair and one matrix, float32, on the CPU.
+
+    Drawn on the CPU whatever the target device: noise version 2 is the same there on every machine.
+    """
+    return many_factors([key], [(m, n)], rank, noise)[0]
+
+
+def many_factors(
+    keys: Sequence[NoiseKey], shapes: Sequence[tuple[int, int]], rank: int, noise: int | None = None
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """pair_factors of many keys (e.g. every matrix of one member) in one pass."""
+    check_rank(rank)
+    version = check_noise_version(NOISE_VERSION if noise is None else noise)
+    if len(keys) != len(shapes):
+        raise ValueError(f"{len(keys)} noise keys but {len(shapes)} matrix shapes")
+    for m, n in shapes:
+        _check_shape(m, n)
+    lengths = [(m + n) * rank for m, n in shapes]
+    flat = np.empty(sum(lengths), np.float32)
+    if version == 1:
+        gen = torch.Generator(device="cpu")
+        offset = 0
+        for key, length in zip(keys, lengths, strict=True):
+            _draw_v1(key, torch.from_numpy(flat[offset : offset + length]), gen)
+            offset += length
+    else:
+        normal.fill([k.stream_start() for k in keys], lengths, flat)
+    block, out, offset = torch.from_numpy(flat), [], 0
+    for (m, n), length in zip(shapes, lengths, strict=True):
+        t = block[offset : offset + length].view(m + n, rank)
+        out.append((t[:m], t[m:]))
+        offset += length
+    return out
+
+
+def _draw_v1(key: NoiseKey, out: torch.Tensor, gen: torch.Generator) -> None:
     gen.manual_seed(key.generator_seed())
     torch.randn(out.shape, generator=gen, dtype=torch.float32, out=out)
 
 
 def stacked_factors(
-    seed: int, epoch: int, pairs: range | list[int], layer: int, module: str, m: int, n: int, rank: int
+    seed: int,
+    epoch: int,
+    pairs: range | list[int],
+    layer: int,
+    module: str,
+    m: int,
+    n: int,
+    rank: int,
+    noise: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Factors of many pairs for one matrix: A (pairs, m, r) and B (pairs, n, r).
 
-    The same numbers as pair_factors pair by pair, drawn into one preallocated block with one
-    reseeded generator: at N = 1024 this halves the time against a fresh generator and a stack.
+    The same numbers as pair_factors pair by pair, drawn into one preallocated block in one pass.
     """
     check_rank(rank)
+    _check_shape(m, n)
+    version = check_noise_version(NOISE_VERSION if noise is None else noise)
     pairs = list(pairs)
-    z = torch.empty(len(pairs), m + n, rank, dtype=torch.float32)
-    gen = torch.Generator(device="cpu")
-    for i, k in enumerate(pairs):
-        _draw(NoiseKey(seed, epoch, k, layer, module), z[i], gen)
-    return z[:, :m], z[:, m:]
+    keys = [NoiseKey(seed, epoch, k, layer, module) for k in pairs]
+    z = np.empty((len(pairs), (m + n) * rank), np.float32)
+    if version == 1:
+        gen = torch.Generator(device="cpu")
+        for i, key in enumerate(keys):
+            _draw_v1(key, torch.from_numpy(z[i]), gen)
+    else:
+        normal.fill([k.stream_start() for k in keys], [z.shape[1]] * len(keys), z)
+    t = torch.from_numpy(z).view(len(pairs), m + n, rank)
+    return t[:, :m], t[:, m:]
 
 
 def noise_epoch(step: int, reuse: int) -> int:

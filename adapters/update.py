@@ -4,6 +4,26 @@ For antithetic pairs with c_k = f_{2k} - f_{2k+1}:
     delta W = lr / (N sigma) * sum_k c_k E_k = lr / (N sqrt r) * A diag(c) B^T
 with A = [A_1 .. A_K] (m x Kr) and B = [B_1 .. B_K] (n x Kr). The sum of K rank-r terms is rank Kr,
 so the update is as expressive as full-rank ES while nothing larger than one m x n delta exists.
+
+What is bitwise the same across machines, and what is not:
+- The factors A_k, B_k are (noise version 2, adapters/normal.py), and so are the coefficients c and
+  the scaled A diag(c) factor: elementwise float32 products, correctly rounded on any IEEE machine.
+- The merge W += A diag(c) B^T is a float32 GEMM (addmm_). BLAS libraries block and vectorise the
+  K r-term dot products differently on different CPU kinds (AVX2 vs AVX-512 vs ARM kernels, with or
+  without FMA), so replicas on different CPUs can end a merge a few ulp apart. On one CPU kind with
+  one library and thread count the result is deterministic, which the bitwise checksum relies on.
+
+Tolerance between replicas on different CPU kinds (merge_tolerance): per element, any summation
+order of the n + 1 = K r + 1 terms W_ij + sum_q t_ijq (with or without FMA) is within
+gamma_{n+1} (|W_ij| + sum_q |t_ijq|) of the exact sum, gamma_k = k u / (1 - k u), u = 2^-24
+(Higham, Accuracy and Stability of Numerical Algorithms, 2nd ed., eq. 4.4). Two replicas fed the same
+inputs differ by at most twice that. Later steps add the same deltas (the factors and c do not
+depend on W), and the exact sum is linear in W, so a difference carries over unamplified and the
+bounds add up: after S steps
+    max |W1 - W2| <= sum over steps of 2 gamma_{Kr+1} (max |W| + max_ij sum_q |t_ijq|),
+where sum_q |t_ijq| <= |lr / (N sqrt r)| sum_k |c_k| max|A_k| max|B_k|. This is a worst case (every
+rounding one way); typical differences are about sqrt(S) ulp(W). A skipped or repeated step moves W by
+the whole delta, orders of magnitude more for any learning rate that trains.
 """
 
 from __future__ import annotations
@@ -18,6 +38,18 @@ from .population import Population
 from .targets import Target
 
 SCALINGS = ("mean", "sqrt")
+
+
+def merge_tolerance(weight_abs_max: float, term_abs_sum: float, terms: int, steps: int = 1) -> float:
+    """Largest |W1 - W2| of two correct float32 replicas with different BLAS summation orders.
+
+    weight_abs_max: max |W| over the steps; term_abs_sum: a bound on sum_q |t_ijq| of one step's
+    GEMM terms; terms: K r (active pairs times rank); steps: merges since the replicas last agreed.
+    """
+    if terms < 0 or steps < 0:
+        raise ValueError(f"terms and steps must be >= 0, got {terms} and {steps}")
+    ku = (terms + 1) * 2.0**-24
+    return steps * 2 * ku / (1 - ku) * (weight_abs_max + term_abs_sum)
 
 
 def draw_coefficients(pop: Population, shaped_fitness) -> torch.Tensor:
@@ -68,6 +100,7 @@ def update_factors(
     shaped_fitness,
     lr: float,
     scaling: str = "mean",
+    noise: int | None = None,
 ) -> Iterator[tuple[Target, torch.Tensor | None, torch.Tensor | None]]:
     """(target, A diag(c) factor, B) per target, so delta W = first @ second^T; (target, None, None)
     when every coefficient is zero (all-equal fitness)."""
@@ -79,16 +112,16 @@ def update_factors(
             yield target, None, None
             continue
         a, b = stacked_factors(
-            seed, epoch, active, target.layer, target.module, target.out_features, target.in_features, pop.rank
+            seed, epoch, active, target.layer, target.module, target.out_features, target.in_features, pop.rank, noise
         )
         yield target, *_factors(a, b, coeffs[active], factor)
 
 
 def matrix_updates(
-    targets, pop, seed, epoch, shaped_fitness, lr, scaling="mean"
+    targets, pop, seed, epoch, shaped_fitness, lr, scaling="mean", noise=None
 ) -> Iterator[tuple[Target, torch.Tensor]]:
     """(target, delta W) for every target, one at a time so only one m x n delta is ever alive."""
-    for target, a_cat, b_cat in update_factors(targets, pop, seed, epoch, shaped_fitness, lr, scaling):
+    for target, a_cat, b_cat in update_factors(targets, pop, seed, epoch, shaped_fitness, lr, scaling, noise):
         if a_cat is None:
             yield target, torch.zeros(target.out_features, target.in_features)
         else:
@@ -104,10 +137,12 @@ def apply_update(
     shaped_fitness,
     lr: float,
     scaling: str = "mean",
+    noise: int | None = None,
 ) -> None:
     """Adds delta W to each float32 master weight in place (weights keyed by parameter name).
 
-    addmm_ accumulates straight into the master, so no m x n delta is ever allocated.
+    addmm_ accumulates straight into the master, so no m x n delta is ever allocated. noise is the
+    noise version to redraw (default adapters.noise.NOISE_VERSION; a replay passes its step's own).
     """
     for target in targets:
         w = weights[target.param]
@@ -116,7 +151,7 @@ def apply_update(
                 f"master weight {target.param} is {w.dtype}; keep float32 masters so small ES steps "
                 "are not rounded away"
             )
-    for target, a_cat, b_cat in update_factors(targets, pop, seed, epoch, shaped_fitness, lr, scaling):
+    for target, a_cat, b_cat in update_factors(targets, pop, seed, epoch, shaped_fitness, lr, scaling, noise):
         if a_cat is not None:
             w = weights[target.param]
             w.addmm_(a_cat.to(w.device), b_cat.T.to(w.device))

@@ -5,7 +5,9 @@ peak cannot leak into the next): (a) regenerating every pair's factors for all 2
 merge does; (b) the full merge `apply_update` into float32 master weights. Memory is the peak
 resident set above the resident set once the masters are allocated and a one-pair merge has warmed
 the kernels up. The analytic columns compare the largest matrix's low-rank noise stack,
-N/2 r (m + n) floats, with full-rank noise, N m n floats.
+N/2 r (m + n) floats, with full-rank noise, N m n floats. (c) The noise versions side by side: one
+process regenerates all factors with noise version 1 (torch.randn) and version 2 (platform-exact),
+alternating repeat by repeat so both see the same machine load.
 
     python -m benchmarks.noise_merge --populations 32 256 1024
 """
@@ -118,9 +120,39 @@ def measure(phase: str, population: int, rank: int, repeats: int, layers: int, t
     }
 
 
-def _isolated(*args) -> dict:
+def compare_versions(population: int, rank: int, repeats: int, layers: int, threads: int, seed: int = 0) -> dict:
+    """Seconds to regenerate every pair's factors, per noise version, interleaved; one fresh process."""
+    import torch
+
+    torch.set_num_threads(threads)
+    from adapters import NOISE_VERSION, Population, stacked_factors
+    from adapters.noise import NOISE_VERSIONS
+    from adapters.normal import load, load_error
+
+    targets = smollm2_targets(layers)
+    pop = Population(population, rank)
+    load()
+    times = {v: [] for v in NOISE_VERSIONS}
+    for repeat in range(repeats + 1):  # round 0 warms both up and is not reported
+        for version in NOISE_VERSIONS:
+            start = time.perf_counter()
+            for t in targets:
+                stacked_factors(
+                    seed, repeat, range(pop.draws), t.layer, t.module, t.out_features, t.in_features, rank, version
+                )
+            if repeat:
+                times[version].append(time.perf_counter() - start)
+    return {
+        "times_s": {str(v): ts for v, ts in times.items()},
+        "default_version": NOISE_VERSION,
+        "compiled_kernel": load_error() is None,
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def _isolated(*args, fn=None) -> dict:
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(measure, *args).result()
+        return pool.submit(fn or measure, *args).result()
 
 
 def analytic(population: int, rank: int, layers: int = LAYERS) -> dict:
@@ -151,6 +183,9 @@ def run(populations: list[int], rank: int = 1, repeats: int = 3, layers: int = L
             row[f"{phase}_s"] = _spread(got.pop("times_s"))
             row[f"{phase}_peak_bytes"] = got.pop("peak_above_baseline_bytes")
             row[f"{phase}_process"] = got
+        versions = _isolated(population, rank, repeats, layers, threads, fn=compare_versions)
+        row["noise_versions_s"] = {v: _spread(ts) for v, ts in versions.pop("times_s").items()}
+        row["noise_versions_process"] = versions
         row["analytic"] = analytic(population, rank, layers)
         results.append(row)
         print(f"N={population}: merge {row['merge_s']['median']:.2f} s", file=sys.stderr)
@@ -164,6 +199,7 @@ def run(populations: list[int], rank: int = 1, repeats: int = 3, layers: int = L
         "torch_threads": threads,
         "machine": {
             "platform": platform.platform(),
+            "cpu": _cpu_model(),
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
             # Other work on a small machine slows every timing; the load average says how busy it was.
@@ -172,6 +208,16 @@ def run(populations: list[int], rank: int = 1, repeats: int = 3, layers: int = L
         },
         "results": results,
     }
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def growth(results: list[dict]) -> dict | None:
@@ -205,6 +251,18 @@ def markdown(report: dict) -> str:
             f"{a['fullrank_noise_bytes'] / MIB:,.0f} MiB",
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "| N | noise v1 (torch.randn) s, median [min, max] | noise v2 (platform-exact) s, median [min, max] | v1 / v2 |",
+        "| ---: | --- | --- | ---: |",
+    ]
+    for row in report["results"]:
+        v = row["noise_versions_s"]
+        lines.append(
+            f"| {row['population']} | "
+            + " | ".join("{median:.3f} [{min:.3f}, {max:.3f}]".format(**v[k]) for k in ("1", "2"))
+            + f" | {v['1']['median'] / v['2']['median']:.2f} |"
+        )
     g = report.get("growth")
     if g:
         lines.append(

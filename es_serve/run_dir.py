@@ -3,6 +3,9 @@
 A step is committed when its line in replay.jsonl is on disk (written and fsynced); everything
 else (metrics, checkpoints, the plot) can be rebuilt or redone from the replay log. So a crash or a
 SIGKILL loses at most the step in progress, and checkpoints only make resuming faster.
+
+Each replay line names the noise version its step drew ("noise", see adapters/noise.py); lines
+written before the field existed drew version 1, and replay_updates redraws each step's own version.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from adapters import Population, noise_epoch, shape_fitness
+from adapters.noise import NOISE_VERSION
 from rewards.reward_log import RewardLog
 
 from .config import Config
@@ -169,6 +170,7 @@ class Trainer:
                 "step": step,
                 "seed": gen.seed,
                 "epoch": gen.epoch,
+                "noise": NOISE_VERSION,  # the engines draw members and the update with this version
                 "population": {"size": pop.size, "rank": pop.rank, "sigma": pop.sigma, "antithetic": pop.antithetic},
                 "lr": self.config.es.lr,
                 "scaling": self.config.es.scaling,

@@ -17,7 +17,6 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from . import normal
@@ -92,7 +91,9 @@ def many_factors(
     for m, n in shapes:
         _check_shape(m, n)
     lengths = [(m + n) * rank for m, n in shapes]
-    flat = np.empty(sum(lengths), np.float32)
+    # torch allocates (64-byte aligned) and numpy fills: BLAS kernels pick their code path, and so their
+    # summation order, partly by the operands' alignment, which numpy's allocator does not fix.
+    flat = torch.empty(sum(lengths), dtype=torch.float32).numpy()
     if version == 1:
         gen = torch.Generator(device="cpu")
         offset = 0
@@ -134,7 +135,7 @@ def stacked_factors(
     version = check_noise_version(NOISE_VERSION if noise is None else noise)
     pairs = list(pairs)
     keys = [NoiseKey(seed, epoch, k, layer, module) for k in pairs]
-    z = np.empty((len(pairs), (m + n) * rank), np.float32)
+    z = torch.empty(len(pairs), (m + n) * rank, dtype=torch.float32).numpy()  # aligned, as in many_factors
     if version == 1:
         gen = torch.Generator(device="cpu")
         for i, key in enumerate(keys):

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .config import Config, ConfigError
-from .ray_replica import Replica, weights_checksum, within_drift
+from .ray_replica import MAX_DRIFT, Replica, drift_per_update, weights_checksum, within_drift
 from .types import Completion, Generation, PopulationResult, Sampling
 
 log = logging.getLogger(__name__)
@@ -168,7 +168,7 @@ class RayEngine:
         self.joining: list[_Handle] = []
         self.run = None
         self.updates = 0
-        self._agreed_at = 0  # self.updates when every replica last had bitwise equal weights
+        self._drift = 0.0  # rounding drift the merges since the replicas last agreed bitwise may explain
         self.events: list[dict] = []
         self.traffic: dict[str, int] = dict.fromkeys(TRAFFIC_KEYS, 0)
         self.totals: dict[str, int] = dict.fromkeys(TRAFFIC_KEYS, 0)
@@ -348,6 +348,7 @@ class RayEngine:
         self.updates += 1
         check = bool(self.checksum_every) and self.updates % self.checksum_every == 0
         pop = gen.population
+        self._drift += drift_per_update((pop.size // 2 if pop.antithetic else pop.size) * pop.rank)
         shaped = [float(x) for x in torch.as_tensor(shaped_fitness).reshape(-1)]
         spec = (pop.size, pop.rank, pop.sigma, pop.antithetic)
         results = self._broadcast(
@@ -369,7 +370,7 @@ class RayEngine:
         counts = Counter(checksums.values())
         best, votes = counts.most_common(1)[0]
         if len(counts) == 1:
-            self._agreed_at = self.updates
+            self._drift = 0.0
             return best
         if votes * 2 > len(checksums):
             healthy, how = best, "majority"
@@ -386,13 +387,17 @@ class RayEngine:
         # it stays within the rounding drift of the updates since the replicas last agreed exactly;
         # resynchronising then would only repeat at every check.
         reference = self._get(source.actor.fingerprint.remote(), f"fingerprinting {source}")
-        drift = self.updates - self._agreed_at
+        tolerated = False
         for handle in differing:
             theirs = self._get(handle.actor.fingerprint.remote(), f"fingerprinting {handle}")
-            if within_drift(reference, theirs, drift):
-                self.events.append({"event": "drift", "replica": handle.number, "updates": drift})
+            if self._drift <= MAX_DRIFT and within_drift(reference, theirs, self._drift):
+                self.events.append({"event": "drift", "replica": handle.number, "allowance": self._drift})
+                tolerated = True
                 continue
-            self._resync(handle, source, healthy, why=f"checksum differs beyond rounding drift ({how} decided)")
+            why = "beyond rounding drift" if self._drift <= MAX_DRIFT else "drift allowance used up"
+            self._resync(handle, source, healthy, why=f"checksum differs, {why} ({how} decided)")
+        if not tolerated:
+            self._drift = 0.0  # every replica now holds the source's weights
         return healthy
 
     def _reference_checksum(self, current=None) -> str | None:

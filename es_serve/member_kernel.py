@@ -125,23 +125,12 @@ def open_library(path: Path) -> tuple[ctypes.CDLL, dict]:
     fn = lib.es_member_lora
     fn.restype = ctypes.c_int
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    # kind, x, tokens, in, A[], A rows per slot, slots, B^T[], widths[], slices, rank, y, y row stride,
+    # y offset, token slots, scale, threads
     fn.argtypes = [
+        ctypes.c_int, ptr, i64, i64, ptr, i64, i64, ptr, ptr, i64, i64, ptr, i64, i64, ptr, ctypes.c_float,
         ctypes.c_int,
-        ptr,
-        i64,
-        i64,
-        ptr,
-        ptr,
-        ptr,
-        i64,
-        i64,
-        ptr,
-        i64,
-        i64,
-        ptr,
-        ctypes.c_float,
-        ctypes.c_int,
-    ]
+    ]  # fmt: skip
     info = {
         "library": path.name,
         "openmp": bool(lib.es_member_lora_openmp()),
@@ -247,23 +236,43 @@ class LayerPlan:
     """What the kernel needs about one layer's stacked tensors, checked once.
 
     vLLM allocates the stacked tensors once per engine and writes adapters into them in place, so
-    their dtype, layout and addresses never change; only activations are checked per call.
+    their dtype, layout and addresses never change; only activations are checked per call. What
+    the adapters hold changes when vLLM loads members (each write bumps the tensors' version
+    counter); then, once, the plan finds the rank the slots really use (vLLM pads rank 4 to 8, and
+    the padding rows are zero) and keeps B transposed to (slots, rank, out) for contiguous updates.
     """
 
     def __init__(self, a_stacked, b_stacked, output_slices):
         self.a, self.b, self.widths = a_stacked, b_stacked, tuple(output_slices)
+        self.versions = None
         self.reason = self._check()
         if self.reason is None:
             a0 = a_stacked[0]
             self.dtype = a0.dtype
             self.code, self.name = DTYPES[a0.dtype]
-            self.rank, self.width_in = a0.shape[2], a0.shape[3]
-            n = len(a_stacked)
-            self.n = n
+            self.n_slots, self.slot_rank, self.width_in = a0.shape[0], a0.shape[2], a0.shape[3]
+            n = self.n = len(a_stacked)
             self.a_ptrs = (ctypes.c_void_p * n)(*[t.data_ptr() for t in a_stacked])
-            self.b_ptrs = (ctypes.c_void_p * n)(*[t.data_ptr() for t in b_stacked])
             self.c_widths = (ctypes.c_int64 * n)(*self.widths)
-            self.work = self.rank * (self.width_in * n + sum(self.widths))
+
+    def refresh(self) -> None:
+        """Re-reads the used rank and B's transpose if vLLM wrote adapters since the last call."""
+        versions = tuple(t._version for t in self.a) + tuple(t._version for t in self.b)
+        if versions == self.versions:
+            return
+        rank = 0
+        for a in self.a:
+            used = a.abs().amax(dim=(0, 1, 3)).nonzero()
+            if used.numel():
+                rank = max(rank, int(used[-1]) + 1)
+        self.rank = rank
+        if rank == 1 and self.slot_rank == 1:
+            self.bt = self.b  # (slots, 1, out, 1) is already (slots, rank, out) in memory
+        else:
+            self.bt = tuple(b[:, 0, :, :rank].transpose(1, 2).contiguous() for b in self.b)
+        self.bt_ptrs = (ctypes.c_void_p * self.n)(*[t.data_ptr() for t in self.bt])
+        self.work = rank * (self.width_in * self.n + sum(self.widths))
+        self.versions = versions
 
     def _check(self) -> str | None:
         a_stacked, b_stacked, widths = self.a, self.b, self.widths
@@ -303,15 +312,21 @@ def _run(plan: LayerPlan, y, x, slots, scale, threads, stats) -> str | None:
         return "output or slot indices do not match the batch"
     if not x.is_contiguous():
         x = x.contiguous()
+    plan.refresh()
+    if plan.rank == 0:  # every slot is empty: nothing to add
+        if stats is not None:
+            stats.add_fast(plan.name)
+        return None
     tokens = x.shape[0]
     if tokens * plan.work < PARALLEL_MIN_WORK or not _info.get("threads_ok", False):
         threads = 1
     rc = lib.es_member_lora(
-        plan.code, x.data_ptr(), tokens, plan.width_in, plan.a_ptrs, plan.b_ptrs, plan.c_widths, plan.n,
-        plan.rank, y.data_ptr(), y.stride(0), 0, slots.data_ptr(), scale, threads,
+        plan.code, x.data_ptr(), tokens, plan.width_in, plan.a_ptrs, plan.slot_rank, plan.n_slots, plan.bt_ptrs,
+        plan.c_widths,
+        plan.n, plan.rank, y.data_ptr(), y.stride(0), 0, slots.data_ptr(), scale, threads,
     )  # fmt: skip
     if rc < 1:
-        return "kernel refused its arguments"
+        return "kernel refused its arguments (a slot index past the stacked tensors?)"
     if stats is not None:
         stats.add_fast(plan.name)
         stats.team = max(stats.team, rc)

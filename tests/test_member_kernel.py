@@ -228,3 +228,29 @@ def test_missing_compiler_is_named(tmp_path, monkeypatch):
     monkeypatch.setenv("ES_SERVE_CACHE", str(tmp_path))
     with pytest.raises(RuntimeError, match="no C compiler 'no-such-cc'"):
         member_kernel.build("no-such-cc")
+
+
+def test_padded_rank_and_adapters_written_between_calls():
+    # vLLM pads rank-4 members to slots of rank 8 (zero rows) and rewrites slots in place between
+    # engine steps; the layer plan is cached, so it must notice the writes and use the new values.
+    y, x, a4, b4, slots, widths = case(4, torch.bfloat16)
+    a = tuple(torch.zeros(t.shape[0], 1, 8, t.shape[3], dtype=t.dtype) for t in a4)
+    b = tuple(torch.zeros(t.shape[0], 1, t.shape[2], 8, dtype=t.dtype) for t in b4)
+    for dst, src in zip(a + b, a4 + b4, strict=True):
+        dst[..., : src.shape[2], : src.shape[3]].copy_(src)
+    punica = PunicaWrapperCPU(slots.tolist())
+    member_kernel.install(punica)
+    punica.update_metadata()
+    got = y.clone()
+    punica.add_lora_linear(got, x, a, b, 1.0, widths)
+    check(got, y, x, a, b, slots, widths, 1.0)
+    # A new member in slot 2, now of full rank 8, written the way vLLM's set_lora writes it.
+    g = torch.Generator().manual_seed(9)
+    for t in a:
+        t[2, 0].copy_(torch.randn(t.shape[2:], generator=g).to(t.dtype))
+    for t in b:
+        t[2, 0].copy_(torch.randn(t.shape[2:], generator=g).to(t.dtype))
+    got = y.clone()
+    punica.add_lora_linear(got, x, a, b, 1.0, widths)
+    check(got, y, x, a, b, slots, widths, 1.0)
+    assert member_kernel.report([punica])["kernel"] == "es-c-bf16"

@@ -9,7 +9,8 @@ and bfloat16, on 1 and 2 threads. Timed, interleaved in blocks so drift hits all
   torch   the kernel's pure-torch fallback (what bf16 silently ran before the kernel took bf16);
   gemm    the layer's own GEMM through vLLM's CPU dispatch (oneDNN / sgl prepacked weights);
   gemm+es the GEMM timed while alternating with the kernel: a second thread pool would show here.
-The LoRA share is es / gemm: it should stay flat from 1 to 2 threads.
+The LoRA share is es / gemm: it should stay flat from 1 to 2 threads. Times are wall clock, the
+fastest of the interleaved blocks (the least disturbed on a shared machine; medians are kept too).
 
     python -m benchmarks.member_kernel --json benchmarks/results/member_kernel.json
 """
@@ -84,24 +85,27 @@ def setup(layer: str, dtype: torch.dtype, rank: int, tokens: int, slots: int, se
     return ops, report, (y, x, a, b, indices, widths)
 
 
-def measure(layer, dtype, rank, threads, tokens, slots, blocks, calls) -> dict:
+def measure(layer, dtype, rank, threads, tokens, slots, blocks, calls, block_ms=20.0) -> dict:
     torch.set_num_threads(threads)
     ops, report, _ = setup(layer, dtype, rank, tokens, slots)
-    for fn in ops.values():  # warm-up: first calls allocate and pack
-        _timer(fn, 5)
+    # Warm-up (first calls allocate and pack), then as many calls per block as fill `block_ms`.
+    n_calls = {name: max(2, min(calls, int(block_ms * 1e3 / _timer(fn, 3)))) for name, fn in ops.items()}
     times = {name: [] for name in [*ops, "gemm+es"]}
     for _ in range(blocks):
         for name, fn in ops.items():
-            times[name].append(_timer(fn, calls))
+            times[name].append(_timer(fn, n_calls[name]))
         # GEMM and kernel alternating as in a layer; only the GEMM's share of the time is kept.
         gemm_only, es = 0.0, ops["es"]
-        for _ in range(calls):
+        for _ in range(n_calls["gemm"]):
             es()
             start = time.perf_counter()
             ops["gemm"]()
             gemm_only += time.perf_counter() - start
-        times["gemm+es"].append(gemm_only / calls * 1e6)
+        times["gemm+es"].append(gemm_only / n_calls["gemm"] * 1e6)
+    # The machine is shared: the fastest block is the one least disturbed by other processes, so
+    # shares and speedups use it; the median and every block are kept beside it.
     med = {name: statistics.median(v) for name, v in times.items()}
+    best = {name: min(v) for name, v in times.items()}
     return {
         "layer": layer,
         "dtype": str(dtype).removeprefix("torch."),
@@ -111,12 +115,14 @@ def measure(layer, dtype, rank, threads, tokens, slots, blocks, calls) -> dict:
         "slots": slots,
         "kernel": report["kernel"],
         "kernel_threads_max": report["kernel_threads_max"],
-        "us_per_call": med,
+        "calls_per_block": n_calls,
+        "us_per_call": best,
+        "us_per_call_median": med,
         "us_runs": times,
-        "lora_share_of_gemm": med["es"] / med["gemm"],
-        "vllm_lora_share_of_gemm": med["vllm"] / med["gemm"],
-        "speedup_vs_vllm": med["vllm"] / med["es"],
-        "gemm_slowdown_next_to_kernel": med["gemm+es"] / med["gemm"],
+        "lora_share_of_gemm": best["es"] / best["gemm"],
+        "vllm_lora_share_of_gemm": best["vllm"] / best["gemm"],
+        "speedup_vs_vllm": best["vllm"] / best["es"],
+        "gemm_slowdown_next_to_kernel": best["gemm+es"] / best["gemm"],
     }
 
 
@@ -156,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--layer", nargs="+", default=list(LAYERS), choices=list(LAYERS))
     p.add_argument("--blocks", type=int, default=7, help="interleaved timing blocks per configuration")
-    p.add_argument("--calls", type=int, default=50, help="calls per block")
+    p.add_argument("--calls", type=int, default=200, help="most calls per block (fewer for slow ops: ~20 ms)")
     p.add_argument("--json", default="benchmarks/results/member_kernel.json")
     args = p.parse_args(argv)
     import vllm

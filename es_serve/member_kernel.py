@@ -403,7 +403,8 @@ def install(punica) -> bool:
 
     def add_lora_linear(y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, **kwargs):
         slots = getattr(punica, "_es_slots", None)
-        x2 = x.reshape(-1, x.shape[-1])
+        # vLLM passes 2-D tensors already; a reshape or view would cost a tensor object per call.
+        x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
         if slots is None or slots.shape[0] != x2.shape[0]:
             stats.add_fallback("no member slots for this batch")
             return original_linear(y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, **kwargs)
@@ -412,7 +413,7 @@ def install(punica) -> bool:
         plan = plans.get(id(lora_a_stacked))
         if plan is None or plan.a is not lora_a_stacked or plan.b is not lora_b_stacked:
             plan = plans[id(lora_a_stacked)] = LayerPlan(lora_a_stacked, lora_b_stacked, output_slices)
-        y2 = y.view(-1, y.shape[-1])
+        y2 = y if y.dim() == 2 else y.view(-1, y.shape[-1])
         reason = _run(plan, y2, x2, slots, scale, stats.threads, stats)
         if reason is not None:
             stats.add_fallback(reason)

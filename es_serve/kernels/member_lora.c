@@ -11,9 +11,11 @@
  * (tokens, y_stride) and slice k starts at column y_offset + sum of earlier widths.
  * Every product is summed in float32 and each output element is rounded once.
  *
- * Threads: tokens are split over an OpenMP team. The library is linked against libgomp.so.1, the
- * runtime torch already loaded, so the team is torch's own pool rather than a second one competing
- * for the same cores; the caller passes torch's thread count and 1 for small batches.
+ * Threads: tokens are grouped by member and the groups split over an OpenMP team. The library
+ * needs libgomp.so.1, which torch's wheels bring under that name and load first, so the dynamic
+ * linker hands back torch's runtime and the team is torch's own pool rather than a second one
+ * competing for the same cores (member_kernel.py checks that no other runtime got mapped, and runs
+ * serially if one did). The caller passes torch's thread count, and 1 for small batches.
  */
 #include <stdint.h>
 #include <stdlib.h>

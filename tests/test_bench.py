@@ -41,7 +41,7 @@ def test_bench_writes_ratios_baselines_table_and_plot(tiny_model_dir, tmp_path):
         ("step", "ratio_step", "es_step_tok_s"),
     ]:
         if name in row["broken"]:
-            assert row[key] is None and "beats every pure-inference run" in row["broken"][name]
+            assert row[key] is None and "pure-inference run" in row["broken"][name]
         else:
             assert row[key] == pytest.approx(row[rate]["median"] / row["pure_tok_s"]["median"])
     assert data["ratio_generation"] == row["ratio_generation"] and data["ratio_step"] == row["ratio_step"]
@@ -74,3 +74,6 @@ def test_a_baseline_faster_than_pure_inference_is_flagged_not_reported():
     assert flag_broken([235.0, 230.0, 240.0], [252.0, 249.0, 256.0]) is None
     # Within the spread of the pure runs it is noise, not a broken measurement.
     assert flag_broken([250.0, 254.0, 253.0], [252.0, 249.0, 256.0]) is None
+    # Pure inference itself all over the place (measured on a loaded machine): nothing is compared.
+    why = flag_broken([124.0], [40.0, 68.0], [40.0, 68.0, 337.0, 43.0])
+    assert "range from 40 to 337 tok/s" in why

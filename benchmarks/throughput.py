@@ -119,16 +119,26 @@ def plot(results: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax, mx) = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
+    drawn = 0
     for rank in sorted({r["rank"] for r in results}):
         rows = sorted((r for r in results if r["rank"] == rank), key=lambda r: r["population"])
         ns = [r["population"] for r in rows]
         tag = f" (r={rank})" if len({r["rank"] for r in results}) > 1 else ""
-        ax.plot(ns, [_nan(r["ratio_generation"]) for r in rows], marker="o", label=f"es-serve generation{tag}")
-        ax.plot(ns, [_nan(r["ratio_step"]) for r in rows], marker="s", label=f"es-serve full step{tag}")
-        ax.plot(ns, [_nan(r["ratio_peft_files_step"]) for r in rows], marker="^", label=f"PEFT files, stock LoRA{tag}")
-        ax.plot(ns, [_nan(r["ratio_naive_full_rank"]) for r in rows], marker="x", label=f"naive full-rank ES{tag}")
+        for key, marker, label in [
+            ("ratio_generation", "o", "es-serve generation"),
+            ("ratio_step", "s", "es-serve full step"),
+            ("ratio_peft_files_step", "^", "PEFT files, stock LoRA"),
+            ("ratio_naive_full_rank", "x", "naive full-rank ES"),
+        ]:
+            values = [_nan(r[key]) for r in rows]
+            if any(v == v for v in values):  # a series of broken measurements is not drawn at all
+                ax.plot(ns, values, marker=marker, label=f"{label}{tag}")
+                drawn += 1
         mx.plot(ns, [r["memory"]["member_cache_bytes"] / 2**20 for r in rows], marker="o", label=f"member factors{tag}")
         mx.plot(ns, [r["memory"]["lora_slot_bytes"] / 2**20 for r in rows], marker="s", label=f"vLLM LoRA slots{tag}")
+    if not drawn:
+        ax.text(0.5, 0.5, "no comparable measurement\n(see 'broken' in the JSON)", ha="center", transform=ax.transAxes)
+        ax.set_xlim(min(r["population"] for r in results) / 2, max(r["population"] for r in results) * 2)
     ax.axhline(1.0, color="grey", lw=0.8)
     ax.axhline(0.9, color="grey", lw=0.8, ls=":")
     ax.set_xscale("log", base=2)
@@ -137,7 +147,8 @@ def plot(results: list[dict], path: Path) -> None:
     ax.set_ylim(0, 1.15)
     ax.set_title(f"{results[0]['dtype']}, LoRA path {results[0]['kernel']}", fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if drawn:
+        ax.legend(fontsize=8)
     mx.set_xscale("log", base=2)
     mx.set_xlabel("population N")
     mx.set_ylabel("MiB")

@@ -79,7 +79,7 @@ class VLLMEngine:
         return self._rpc("es_kernel_report")
 
     def use_kernel(self, kernel: str) -> str:
-        """ "es" (member kernel) or "vllm" (vLLM's own LoRA ops) from now on; returns what is installed."""
+        """Serves members with the member kernel ("es") or vLLM's own LoRA ops ("vllm") from now on."""
         return self._rpc("es_use_kernel", kernel)
 
     def _rpc(self, method: str, *args):

@@ -1,14 +1,21 @@
 """One (N, r) configuration of the throughput benchmark, measured in a process of its own.
 
-A fresh process per configuration makes its peak memory its own. Inside it the compared runs
-alternate, a b c d a b c d ..., so drift on a noisy machine hits all of them alike:
-  (a) pure inference: N x P requests, no adapter;
+A fresh process per configuration makes its peak memory its own. Every method runs on ONE engine,
+so thread binding, KV cache size and memory placement are the same for all of them: the engine
+switches between the member kernel and vLLM's own LoRA ops (VLLMEngine.use_kernel), and pure
+inference is timed under both. The runs alternate, a b c a' d a b c a' d ..., so drift on a noisy
+machine hits all of them alike:
+  (a) pure inference: N x P requests, no adapter (member kernel installed);
   (b) es-serve generation: the same requests as N members (fresh adapters every repeat);
   (c) the full es-serve step (Trainer.train_step: adapters, generation, reward, shaping, merge, log);
+  (a') pure inference again with vLLM's own LoRA ops installed;
   (d) the official EGGROLL-vLLM way: PEFT files on tmpfs loaded by path, vLLM's own LoRA ops, then
       the same reward, shaping and merge;
   (e) naive full-rank ES, one member at a time (timed on a few members: its rate does not depend on N).
 Every request generates exactly max_tokens (EOS ignored), so all rates count the same tokens.
+(b)-(d) do strictly more work than (a) on the same engine; a method whose median beats every pure
+run, or a case whose pure runs (a, a') disagree by more than PURE_SPREAD_MAX, is a broken
+measurement and is reported as such (see `flag_broken`), never as a ratio.
 """
 
 from __future__ import annotations
@@ -23,6 +30,30 @@ from pathlib import Path
 
 def spread(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": values}
+
+
+# Pure inference under either LoRA path does the same work on the same engine; runs further apart
+# than this mean the machine's load changed under the measurement.
+PURE_SPREAD_MAX = 1.25
+
+
+def flag_broken(method: list[float], pure: list[float], all_pure: list[float] | None = None) -> str | None:
+    """Why a method's rate cannot be compared with pure inference on this engine, or None.
+
+    `pure` are the runs the ratio divides by; `all_pure` every pure run of the case (both paths).
+    """
+    all_pure = all_pure or pure
+    if max(all_pure) > PURE_SPREAD_MAX * min(all_pure):
+        return (
+            f"pure-inference runs on this engine range from {min(all_pure):.0f} to {max(all_pure):.0f} tok/s "
+            f"(more than {PURE_SPREAD_MAX:.2f}x apart): the machine was not quiet enough to compare"
+        )
+    if statistics.median(method) > max(pure):
+        return (
+            f"median {statistics.median(method):.0f} tok/s beats every pure-inference run "
+            f"(max {max(pure):.0f}) on the same engine: the engine or the machine changed between runs"
+        )
+    return None
 
 
 def peak_rss_bytes() -> int:
@@ -71,10 +102,9 @@ def run_case(spec: dict) -> dict:
     )
     model_dir = resolve_model(spec["model"])
     pop = Population(n, rank, spec["sigma"])
-    engine = VLLMEngine(model_dir, pop, p, tokens, memory_fraction=spec["memory_fraction"])
-    # vLLM's CPU memory fraction caps the whole process, which already holds the first engine.
-    second = min(0.9, 2 * spec["memory_fraction"])
-    stock = VLLMEngine(model_dir, pop, p, tokens, memory_fraction=second, lora_kernel="vllm")
+    engine = VLLMEngine(
+        model_dir, pop, p, tokens, dtype=spec.get("dtype", "auto"), memory_fraction=spec["memory_fraction"]
+    )
     task = get_task("arithmetic")
     reward = load_reward(task.default_reward)
     run = tempfile.mkdtemp(prefix="es-bench-run-")
@@ -84,7 +114,7 @@ def run_case(spec: dict) -> dict:
     prompts = [trainer.render(r) for r in rows]
     trainer.task = SamePrompts(task, rows)
     sampling = Sampling(max_tokens=tokens, ignore_eos=True)
-    peft = PeftFileStep(stock)
+    peft = PeftFileStep(engine)
 
     def pure():
         start = time.perf_counter()
@@ -105,30 +135,38 @@ def run_case(spec: dict) -> dict:
         completions, count, _, gen_seconds = peft.generate(gen, prompts, sampling)
         scored = reward.score(prompts, [[c.text for c in row] for row in completions], trainer.columns(rows))
         shaped = shape_fitness(scored.matrix, "centered", n, valid=scored.valid)
-        stock.apply_update(gen, shaped, 1e-3)
+        engine.apply_update(gen, shaped, 1e-3)
         return count / (time.perf_counter() - start), count / gen_seconds
 
-    # Warm-up: first calls allocate, compile and fill caches in both engines.
+    # Warm-up at the timed batch size under both LoRA paths: oneDNN builds its GEMM kernels per
+    # batch shape on first use, which would otherwise land in whichever run comes first.
     short = Sampling(max_tokens=4, ignore_eos=True)
-    engine.generate(prompts, short)
+    engine.generate(prompts * n, short)
     engine.generate_population(Generation(pop, 7, 10**6), prompts, short)
+    engine.use_kernel("vllm")
+    engine.generate(prompts * n, short)
     peft.generate(Generation(pop, 7, 10**6), prompts, short)
+    engine.use_kernel("es")
 
-    a, b, c, d_step, d_gen = [], [], [], [], []
+    a, a_stock, b, c, d_step, d_gen = [], [], [], [], [], []
     for r in range(spec["repeats"]):
         a.append(pure())
         b.append(es_generation(r))
         c.append(es_step())
+        engine.use_kernel("vllm")
+        a_stock.append(pure())
         step_rate, gen_rate = peft_step(r)
+        engine.use_kernel("es")
         d_step.append(step_rate)
         d_gen.append(gen_rate)
         print(
             f"  N={n} r={rank} repeat {r + 1}: pure {a[-1]:.0f}  es gen {b[-1]:.0f}  es step {c[-1]:.0f}  "
-            f"peft files step {d_step[-1]:.0f} tok/s",
+            f"pure (vLLM LoRA ops) {a_stock[-1]:.0f}  peft files step {d_step[-1]:.0f} tok/s",
             file=sys.stderr,
             flush=True,
         )
     memory = engine.memory()
+    kernel, kernel_report = engine.lora_kernel, engine.kernel_report()
 
     naive, members = [], min(n, spec["naive_members"])
     base = engine.state_dict()
@@ -136,27 +174,36 @@ def run_case(spec: dict) -> dict:
         count, seconds = naive_member(engine, base, i, spec["sigma"], prompts, sampling, seed=7)
         naive.append(count / seconds)
     del base
-    # No close(): vLLM's shutdown tears down process-wide state that the other engine still uses,
-    # and this process ends here anyway.
+    # No close(): this process ends here anyway.
 
     pa, pb, pc = spread(a), spread(b), spread(c)
     targets = engine.targets
     per_member = rank * sum(t.out_features + t.in_features for t in targets)
+    methods = {"generation": b, "step": c, "peft_files_step": d_step, "naive_full_rank": naive}
+    broken = {name: why for name, runs in methods.items() if (why := flag_broken(runs, a, a + a_stock))}
+
+    def ratio(name):
+        return None if name in broken else statistics.median(methods[name]) / pa["median"]
+
     return {
         **{k: spec[k] for k in ("population", "rank", "prompts", "max_tokens", "repeats")},
-        "kernel": engine.lora_kernel,
+        "dtype": engine.dtype,
+        "kernel": kernel,
+        "kernel_report": kernel_report,
         "pure_tok_s": pa,
+        "pure_vllm_lora_ops_tok_s": spread(a_stock),
         "es_gen_tok_s": pb,
         "es_step_tok_s": pc,
-        "ratio_generation": pb["median"] / pa["median"],
-        "ratio_step": pc["median"] / pa["median"],
+        "ratio_generation": ratio("generation"),
+        "ratio_step": ratio("step"),
         "baselines": {
             "peft_files_step_tok_s": spread(d_step),
             "peft_files_gen_tok_s": spread(d_gen),
             "naive_full_rank_tok_s": {**spread(naive), "members_timed": members},
         },
-        "ratio_peft_files_step": statistics.median(d_step) / pa["median"],
-        "ratio_naive_full_rank": statistics.median(naive) / pa["median"],
+        "ratio_peft_files_step": ratio("peft_files_step"),
+        "ratio_naive_full_rank": ratio("naive_full_rank"),
+        "broken": broken,
         "memory": {
             **memory,
             "numbers_per_member": per_member,

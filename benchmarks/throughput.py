@@ -1,7 +1,8 @@
 """`es-serve bench`: ES training throughput as a share of pure inference, beside the peers' ways.
 
-Each (N, r) runs in its own process (benchmarks/case.py says what is measured and how). The ratios
-are of medians over interleaved repeats; the JSON keeps every run so the spread can be read.
+Each (N, r) runs in its own process on one engine (benchmarks/case.py says what is measured and how).
+The ratios are of medians over interleaved repeats; the JSON keeps every run so the spread can be
+read, and records the dtype, CPU, threads, versions and the LoRA path that really ran.
 
     es-serve bench --population 8 32 --rank 1 --prompts 4 --max-tokens 64 --json benchmarks/results/throughput.json
 """
@@ -30,7 +31,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3, help="interleaved repeats per configuration")
     p.add_argument("--naive-members", type=int, default=4, help="members timed for naive full-rank ES")
     p.add_argument("--sigma", type=float, default=1e-3)
-    p.add_argument("--memory-fraction", type=float, default=0.15, help="per engine; two engines run per case")
+    p.add_argument("--memory-fraction", type=float, default=0.15, help="of the machine's memory for the engine")
+    p.add_argument(
+        "--dtype",
+        choices=("auto", "float32", "bfloat16"),
+        default="auto",
+        help="model dtype; auto = bfloat16 on CPUs with native bf16, else float32",
+    )
     p.add_argument("--json", default=DEFAULT_JSON, metavar="OUT.json", help="Markdown and PNG go beside it")
     return p
 
@@ -55,16 +62,54 @@ def table(results: list[dict]) -> str:
     def cell(s):
         return f"{s['median']:.0f} ({s['min']:.0f}-{s['max']:.0f})"
 
+    def ratio(x):
+        return "broken" if x is None else f"{x:.2f}"
+
+    notes = []
     for r in results:
         base, mem = r["baselines"], r["memory"]
         lines.append(
             f"| {r['population']} | {r['rank']} | {cell(r['pure_tok_s'])} | {cell(r['es_gen_tok_s'])} "
-            f"| {cell(r['es_step_tok_s'])} | {r['ratio_generation']:.2f} | {r['ratio_step']:.2f} "
-            f"| {base['peft_files_step_tok_s']['median']:.0f} ({r['ratio_peft_files_step']:.2f}) "
-            f"| {base['naive_full_rank_tok_s']['median']:.0f} ({r['ratio_naive_full_rank']:.2f}) "
+            f"| {cell(r['es_step_tok_s'])} | {ratio(r['ratio_generation'])} | {ratio(r['ratio_step'])} "
+            f"| {base['peft_files_step_tok_s']['median']:.0f} ({ratio(r['ratio_peft_files_step'])}) "
+            f"| {base['naive_full_rank_tok_s']['median']:.0f} ({ratio(r['ratio_naive_full_rank'])}) "
             f"| {mem['member_cache_bytes'] / 2**20:.2f} | {mem['peak_rss_bytes'] / 2**30:.2f} |"
         )
-    return "\n".join(lines) + "\n"
+        notes += [
+            f"- N={r['population']} r={r['rank']} {name}: broken measurement, {why}"
+            for name, why in r["broken"].items()
+        ]
+    return "\n".join(lines) + "\n" + ("\n" + "\n".join(notes) + "\n" if notes else "")
+
+
+def machine() -> dict:
+    """What the figures depend on: CPU model and instruction flags, cores, library versions."""
+    import torch
+    import vllm
+
+    model, flags = platform.processor() or platform.machine(), ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and model == (platform.processor() or platform.machine()):
+                model = value.strip()
+            elif key.strip() in ("flags", "Features") and not flags:
+                flags = value.strip()
+    except OSError:
+        pass
+    return {
+        "cpu_model": model,
+        "cpu_flags": flags.split(),
+        "cores": os.cpu_count(),
+        "arch": platform.machine(),
+        "vllm_version": vllm.__version__,
+        "torch_version": torch.__version__,
+    }
+
+
+def _nan(x):
+    # A broken measurement is left out of the plot rather than drawn.
+    return float("nan") if x is None else x
 
 
 def plot(results: list[dict], path: Path) -> None:
@@ -74,24 +119,36 @@ def plot(results: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax, mx) = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
+    drawn = 0
     for rank in sorted({r["rank"] for r in results}):
         rows = sorted((r for r in results if r["rank"] == rank), key=lambda r: r["population"])
         ns = [r["population"] for r in rows]
         tag = f" (r={rank})" if len({r["rank"] for r in results}) > 1 else ""
-        ax.plot(ns, [r["ratio_generation"] for r in rows], marker="o", label=f"es-serve generation{tag}")
-        ax.plot(ns, [r["ratio_step"] for r in rows], marker="s", label=f"es-serve full step{tag}")
-        ax.plot(ns, [r["ratio_peft_files_step"] for r in rows], marker="^", label=f"PEFT files, stock LoRA{tag}")
-        ax.plot(ns, [r["ratio_naive_full_rank"] for r in rows], marker="x", label=f"naive full-rank ES{tag}")
+        for key, marker, label in [
+            ("ratio_generation", "o", "es-serve generation"),
+            ("ratio_step", "s", "es-serve full step"),
+            ("ratio_peft_files_step", "^", "PEFT files, stock LoRA"),
+            ("ratio_naive_full_rank", "x", "naive full-rank ES"),
+        ]:
+            values = [_nan(r[key]) for r in rows]
+            if any(v == v for v in values):  # a series of broken measurements is not drawn at all
+                ax.plot(ns, values, marker=marker, label=f"{label}{tag}")
+                drawn += 1
         mx.plot(ns, [r["memory"]["member_cache_bytes"] / 2**20 for r in rows], marker="o", label=f"member factors{tag}")
         mx.plot(ns, [r["memory"]["lora_slot_bytes"] / 2**20 for r in rows], marker="s", label=f"vLLM LoRA slots{tag}")
+    if not drawn:
+        ax.text(0.5, 0.5, "no comparable measurement\n(see 'broken' in the JSON)", ha="center", transform=ax.transAxes)
+        ax.set_xlim(min(r["population"] for r in results) / 2, max(r["population"] for r in results) * 2)
     ax.axhline(1.0, color="grey", lw=0.8)
     ax.axhline(0.9, color="grey", lw=0.8, ls=":")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("population N")
     ax.set_ylabel("tokens/s relative to pure inference")
     ax.set_ylim(0, 1.15)
+    ax.set_title(f"{results[0]['dtype']}, LoRA path {results[0]['kernel']}", fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if drawn:
+        ax.legend(fontsize=8)
     mx.set_xscale("log", base=2)
     mx.set_xlabel("population N")
     mx.set_ylabel("MiB")
@@ -122,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
                     "naive_members": args.naive_members,
                     "sigma": args.sigma,
                     "memory_fraction": args.memory_fraction,
+                    "dtype": args.dtype,
                     "out": f"{tmp}/case.json",
                 }
                 print(f"es-serve bench: N={n} r={rank} ...", file=sys.stderr, flush=True)
@@ -130,18 +188,31 @@ def main(argv: list[str] | None = None) -> int:
                     raise RuntimeError(f"benchmark case N={n} r={rank} failed (exit {proc.returncode}); see above")
                 row = json.loads(Path(spec["out"]).read_text())
             results.append(row)
+            shown = {
+                k: "broken" if row[k] is None else f"{row[k]:.2f}"
+                for k in ("ratio_generation", "ratio_step", "ratio_peft_files_step", "ratio_naive_full_rank")
+            }
             print(
-                f"N={n} r={rank}: ratio_generation {row['ratio_generation']:.2f}  ratio_step {row['ratio_step']:.2f}"
-                f"  peft files {row['ratio_peft_files_step']:.2f}  naive {row['ratio_naive_full_rank']:.2f}",
+                f"N={n} r={rank} {row['dtype']} kernel {row['kernel']}: ratio_generation {shown['ratio_generation']}"
+                f"  ratio_step {shown['ratio_step']}  peft files {shown['ratio_peft_files_step']}"
+                f"  naive {shown['ratio_naive_full_rank']}",
                 flush=True,
             )
     # The top-level figures are the issue's configuration (N = 32, r = 1) when it was measured.
     first = next((r for r in results if r["population"] == 32 and r["rank"] == 1), results[0])
+    host = machine()
+    report = first["kernel_report"]
     meta = {
         "model": args.model,
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "machine": f"{host['cpu_model']}, {host['arch']}, {host['cores']} cores",
         "command": " ".join(["es-serve bench", *(argv if argv is not None else sys.argv[1:])]),
+        "dtype": first["dtype"],
         "kernel": first["kernel"],
+        "kernels": sorted({r["kernel"] for r in results}),
+        "threads": report["threads"],
+        "kernel_threads_max": report["kernel_threads_max"],
+        "bf16_native": report.get("bf16_native"),
+        **host,
     }
     summary = {k: first[k] for k in ("pure_tok_s", "es_gen_tok_s", "es_step_tok_s", "ratio_generation", "ratio_step")}
     summary["pure_tok_s"] = first["pure_tok_s"]["median"]
@@ -151,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     summary["baselines"] = {name: s["median"] for name, s in first["baselines"].items()}
     out.write_text(json.dumps({"meta": meta, **summary, "results": results}, indent=2))
     md = table(results)
-    out.with_suffix(".md").write_text(f"`{meta['command']}` ({meta['machine']})\n\n{md}")
+    where = f"{meta['machine']}, {meta['dtype']}, {meta['threads']} threads, kernel {', '.join(meta['kernels'])}"
+    out.with_suffix(".md").write_text(f"`{meta['command']}` ({where})\n\n{md}")
     plot(results, out.with_suffix(".png"))
     print("\n" + md)
     return 0

@@ -4,11 +4,14 @@ Every token of an ES batch belongs to exactly one low-rank member, so the LoRA t
 per token, r dot products with the member's A rows and r scaled copies of its B columns. vLLM's
 CPU ops instead gather each token's whole A and B into new tensors and run batched einsums; at rank
 1 those copies and per-call costs, not the arithmetic, took a fifth of decode time. The kernel in
-kernels/member_lora.c reads the rows in place and writes into the layer output directly.
+kernels/member_lora.c reads the rows in place and writes into the layer output directly, in
+float32, bfloat16 or float16 (sums in float32; native bf16 dot products where the CPU has them),
+over torch's OpenMP threads when the batch is large enough to pay for waking them.
 
 It is compiled once per machine with the system C compiler (a plain shared library called through
 ctypes, no torch headers, so it builds in about a second). Without a compiler, or for tensors it
-does not handle (not float32, not contiguous), the pure-torch `member_lora_torch` does the same sum.
+does not handle, the pure-torch `member_lora_torch` does the same sum; every such call is counted
+with its reason, and `report`/`describe` name the path that really ran.
 """
 
 from __future__ import annotations
@@ -27,10 +30,17 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("kernels") / "member_lora.c"
-FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-std=c11", "-shared", "-fPIC"]
+FLAGS = ["-O3", "-march=native", "-std=c11", "-shared", "-fPIC"]
+# Tried in order: threaded, then serial for compilers without OpenMP (plain clang, for one).
+VARIANTS = {"openmp": ["-fopenmp"], "serial": ["-fopenmp-simd"]}
 MAX_RANK = 512
+DTYPES = {torch.float32: (0, "f32"), torch.bfloat16: (1, "bf16"), torch.float16: (2, "f16")}
+# Below this many multiply-adds per call one thread finishes before a team could be woken
+# (measured by benchmarks/member_kernel.py: a fork-join costs a few microseconds).
+PARALLEL_MIN_WORK = 1 << 16
 _library: ctypes.CDLL | None = None
 _load_error: str | None = None
+_info: dict = {}
 
 
 def cache_dir() -> Path:
@@ -51,18 +61,17 @@ def _cpu_signature() -> str:
     return platform.processor() or platform.machine()
 
 
-def library_path(compiler: str) -> Path:
+def library_path(compiler: str, variant: str = "openmp") -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), *FLAGS, version, _cpu_signature()]).encode()).hexdigest()
-    return cache_dir() / f"member_lora-{key[:16]}.so"
+    parts = [SOURCE.read_text(), *FLAGS, *VARIANTS[variant], version, _cpu_signature()]
+    key = hashlib.sha256("\0".join(parts).encode()).hexdigest()
+    return cache_dir() / f"member_lora-{variant}-{key[:16]}.so"
 
 
-def build(compiler: str | None = None) -> Path:
-    """Compiles the kernel into the cache (once; later calls find it) and returns its path."""
-    compiler = compiler or os.environ.get("CC") or "cc"
-    if shutil.which(compiler) is None:
-        raise RuntimeError(f"no C compiler '{compiler}' on PATH (install gcc, or set CC)")
-    target = library_path(compiler)
+def _compile(compiler: str, variant: str, extra: list[str]) -> Path:
+    target = library_path(compiler, variant)
+    if extra:
+        target = target.with_name(target.stem + "-" + hashlib.sha256(" ".join(extra).encode()).hexdigest()[:8] + ".so")
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -70,7 +79,8 @@ def build(compiler: str | None = None) -> Path:
     fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so.tmp")
     os.close(fd)
     try:
-        proc = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+        cmd = [compiler, *FLAGS, *VARIANTS[variant], *extra, str(SOURCE), "-o", tmp]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"compiling {SOURCE.name} failed: {proc.stderr.strip()[-800:]}")
         os.replace(tmp, target)
@@ -80,19 +90,69 @@ def build(compiler: str | None = None) -> Path:
     return target
 
 
+def build(compiler: str | None = None, extra: list[str] | None = None) -> Path:
+    """Compiles the kernel into the cache (once; later calls find it) and returns its path.
+
+    `extra` adds compiler flags (tests use it to build the portable paths on any CPU).
+    """
+    compiler = compiler or os.environ.get("CC") or "cc"
+    if shutil.which(compiler) is None:
+        raise RuntimeError(f"no C compiler '{compiler}' on PATH (install gcc, or set CC)")
+    try:
+        return _compile(compiler, "openmp", extra or [])
+    except RuntimeError as exc:
+        try:
+            return _compile(compiler, "serial", extra or [])
+        except RuntimeError:
+            raise exc from None
+
+
+def _openmp_runtimes() -> set[str]:
+    """Files of OpenMP runtimes mapped into this process (Linux; empty elsewhere)."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return set()
+    names = ("libgomp", "libiomp", "libomp")
+    return {line.split()[-1] for line in maps.splitlines() if any(n in line.rsplit("/", 1)[-1] for n in names)}
+
+
+def open_library(path: Path) -> tuple[ctypes.CDLL, dict]:
+    """Loads a built kernel and says what it can do: OpenMP threads, native bf16 instructions."""
+    before = _openmp_runtimes()
+    lib = ctypes.CDLL(str(path))
+    added = _openmp_runtimes() - before
+    fn = lib.es_member_lora
+    fn.restype = ctypes.c_int
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    # kind, x, tokens, in, A[], A rows per slot, slots, B^T[], widths[], slices, rank, y, y row stride,
+    # y offset, token slots, scale, threads
+    fn.argtypes = [
+        ctypes.c_int, ptr, i64, i64, ptr, i64, i64, ptr, ptr, i64, i64, ptr, i64, i64, ptr, ctypes.c_float,
+        ctypes.c_int,
+    ]  # fmt: skip
+    info = {
+        "library": path.name,
+        "openmp": bool(lib.es_member_lora_openmp()),
+        "bf16_native": bool(lib.es_member_lora_bf16_native()),
+        "threads_ok": True,
+    }
+    if info["openmp"] and before and added:
+        # The library pulled in its own OpenMP runtime beside torch's: two thread pools would
+        # fight over the same cores, so this process keeps the kernel on one thread.
+        info["threads_ok"] = False
+        info["threads_note"] = f"a second OpenMP runtime ({', '.join(sorted(added))}) next to torch's"
+    return lib, info
+
+
 def load() -> ctypes.CDLL | None:
     """The compiled kernel, or None (the reason is logged once and kept in `load_error()`)."""
-    global _library, _load_error
+    global _library, _load_error, _info
     if _library is not None or _load_error is not None:
         return _library
     try:
-        lib = ctypes.CDLL(str(build()))
-        fn = lib.es_member_lora
-        fn.restype = None
-        i64, ptr = ctypes.c_int64, ctypes.c_void_p
-        fn.argtypes = [ptr, i64, i64, ptr, ptr, i64, i64, ptr, i64, i64, ptr, ctypes.c_float]
-        _library = lib
-    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        _library, _info = open_library(build())
+    except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as exc:
         _load_error = str(exc)
         log.warning("ES member kernel unavailable, using the torch fallback: %s", exc)
     return _library
@@ -102,48 +162,195 @@ def load_error() -> str | None:
     return _load_error
 
 
+def kernel_info() -> dict:
+    """What the loaded kernel can do (empty when it did not load)."""
+    load()
+    return dict(_info)
+
+
 def member_lora_torch(y, x, a_stacked, b_stacked, slots, output_slices, scale: float = 1.0) -> None:
     """Same sum as the C kernel in torch: y[t, slice] += B[s_t] (scale A[s_t] x_t) for s_t >= 0."""
     rows = (slots >= 0).nonzero().squeeze(1)
     if rows.numel() == 0:
         return
     s = slots.index_select(0, rows)
-    xs = x.index_select(0, rows)
+    xs = x.index_select(0, rows).float()
     offset = 0
     for a, b, width in zip(a_stacked, b_stacked, output_slices, strict=True):
-        a_sel = a[:, 0].index_select(0, s).to(x.dtype)  # (t, rank, in)
-        b_sel = b[:, 0].index_select(0, s).to(x.dtype)  # (t, out, rank)
+        a_sel = a[:, 0].index_select(0, s).float()  # (t, rank, in)
+        b_sel = b[:, 0].index_select(0, s).float()  # (t, out, rank)
         h = torch.bmm(a_sel, xs.unsqueeze(-1)) * scale  # (t, rank, 1)
-        y[rows, offset : offset + width] += torch.bmm(b_sel, h).squeeze(-1)[:, :width].to(y.dtype)
+        delta = torch.bmm(b_sel, h).squeeze(-1)[:, :width]
+        y[rows, offset : offset + width] = (y[rows, offset : offset + width].float() + delta).to(y.dtype)
         offset += width
 
 
-def member_lora(y, x, a_stacked, b_stacked, slots, output_slices, scale: float = 1.0) -> None:
-    """y[t, slice k] += B_k[s_t] (scale A_k[s_t] x_t) for every token t whose slot s_t >= 0, in place."""
+class KernelStats:
+    """Calls served by the C kernel (per dtype) and by the torch fallback (per reason)."""
+
+    def __init__(self):
+        self.fast: dict[str, int] = {}
+        self.fallback: dict[str, int] = {}
+        self.threads = 1  # torch's compute threads in the engine
+        self.team = 0  # most threads one kernel call really ran on
+
+    def add_fast(self, name: str) -> None:
+        self.fast[name] = self.fast.get(name, 0) + 1
+
+    def add_fallback(self, reason: str) -> None:
+        self.fallback[reason] = self.fallback.get(reason, 0) + 1
+
+    def as_dict(self) -> dict:
+        return {
+            "fast_calls": dict(self.fast),
+            "fallback_calls": dict(self.fallback),
+            "threads": self.threads,
+            "kernel_threads_max": self.team,
+        }
+
+
+def describe(report: dict) -> str:
+    """The path that really served members: "es-c-bf16", "es-torch-fallback", a mix, or "es-idle".
+
+    A fallback is named as such even if it served one call among thousands of fast ones.
+    """
+    fast = sorted(report.get("fast_calls", {}))
+    parts = [f"es-c-{'+'.join(fast)}"] if fast else []
+    if report.get("fallback_calls"):
+        parts.append("es-torch-fallback")
+    return "+".join(parts) or "es-idle"
+
+
+def merge_reports(reports) -> dict:
+    out = {"fast_calls": {}, "fallback_calls": {}, "threads": 1, "kernel_threads_max": 0}
+    for r in reports:
+        for key in ("fast_calls", "fallback_calls"):
+            for k, v in r[key].items():
+                out[key][k] = out[key].get(k, 0) + v
+        for key in ("threads", "kernel_threads_max"):
+            out[key] = max(out[key], r[key])
+    return out
+
+
+class LayerPlan:
+    """What the kernel needs about one layer's stacked tensors, checked once.
+
+    vLLM allocates the stacked tensors once per engine and writes adapters into them in place, so
+    their dtype, layout and addresses never change; only activations are checked per call. What
+    the adapters hold changes when vLLM loads members (each write bumps the tensors' version
+    counter); then, once, the plan finds the rank the slots really use (vLLM pads rank 4 to 8, and
+    the padding rows are zero) and keeps B transposed to (slots, rank, out) for contiguous updates.
+    """
+
+    def __init__(self, a_stacked, b_stacked, output_slices):
+        self.a, self.b, self.widths = a_stacked, b_stacked, tuple(output_slices)
+        self.versions = None
+        self.reason = self._check()
+        if self.reason is None:
+            a0 = a_stacked[0]
+            self.dtype = a0.dtype
+            self.code, self.name = DTYPES[a0.dtype]
+            self.n_slots, self.slot_rank, self.width_in = a0.shape[0], a0.shape[2], a0.shape[3]
+            n = self.n = len(a_stacked)
+            self.a_ptrs = (ctypes.c_void_p * n)(*[t.data_ptr() for t in a_stacked])
+            self.c_widths = (ctypes.c_int64 * n)(*self.widths)
+
+    def refresh(self) -> None:
+        """Re-reads the used rank and B's transpose if vLLM wrote adapters since the last call."""
+        versions = tuple(t._version for t in self.a) + tuple(t._version for t in self.b)
+        if versions == self.versions:
+            return
+        rank = 0
+        for a in self.a:
+            used = a.abs().amax(dim=(0, 1, 3)).nonzero()
+            if used.numel():
+                rank = max(rank, int(used[-1]) + 1)
+        self.rank = rank
+        if rank == 1 and self.slot_rank == 1:
+            self.bt = self.b  # (slots, 1, out, 1) is already (slots, rank, out) in memory
+        else:
+            self.bt = tuple(b[:, 0, :, :rank].transpose(1, 2).contiguous() for b in self.b)
+        self.bt_ptrs = (ctypes.c_void_p * self.n)(*[t.data_ptr() for t in self.bt])
+        self.work = rank * (self.width_in * self.n + sum(self.widths))
+        self.versions = versions
+
+    def _check(self) -> str | None:
+        a_stacked, b_stacked, widths = self.a, self.b, self.widths
+        if not len(a_stacked) == len(b_stacked) == len(widths):
+            return "slice counts differ"
+        dtype = a_stacked[0].dtype
+        if dtype not in DTYPES:
+            return f"lora dtype {str(dtype).removeprefix('torch.')} (kernel: float32, bfloat16, float16)"
+        for a, b, w in zip(a_stacked, b_stacked, widths, strict=True):
+            if a.dtype != dtype or b.dtype != dtype:
+                return "stacked A/B dtypes differ"
+            if not (a.is_contiguous() and b.is_contiguous()) or a.device.type != "cpu":
+                return "stacked A/B not contiguous CPU tensors"
+            if a.dim() != 4 or b.dim() != 4 or a.shape[1] != 1 or b.shape[1] != 1:
+                return "stacked A/B not (slots, 1, rows, cols)"
+            if a.shape[2] != a_stacked[0].shape[2] or b.shape[3] != a.shape[2] or b.shape[2] != w:
+                return "stacked A/B shapes do not match the output slices"
+            if a.shape[3] != a_stacked[0].shape[3] or a.shape[0] != b.shape[0]:
+                return "stacked A/B shapes differ between slices"
+        if a_stacked[0].shape[2] > MAX_RANK:
+            return f"rank {a_stacked[0].shape[2]} > {MAX_RANK}"
+        return None
+
+
+def _run(plan: LayerPlan, y, x, slots, scale, threads, stats) -> str | None:
+    """Runs the C kernel, or returns why it cannot take this call."""
     lib = load()
-    fast = (
-        lib is not None
-        and y.dtype == x.dtype == torch.float32
-        and y.dim() == 2
-        and y.stride(1) == 1
-        and x.is_contiguous()
-        and slots.dtype == torch.int64
-        and slots.is_contiguous()
-        and all(a.dtype == torch.float32 and a.is_contiguous() for a in a_stacked)
-        and all(b.dtype == torch.float32 and b.is_contiguous() for b in b_stacked)
-        and a_stacked[0].shape[2] <= MAX_RANK
-    )
-    if not fast:
-        member_lora_torch(y, x, a_stacked, b_stacked, slots, output_slices, scale)
-        return
-    tokens, width_in = x.shape
-    offset = 0
-    for a, b, width in zip(a_stacked, b_stacked, output_slices, strict=True):
-        lib.es_member_lora(
-            x.data_ptr(), tokens, width_in, a.data_ptr(), b.data_ptr(), a.shape[2], width,
-            y.data_ptr(), y.stride(0), offset, slots.data_ptr(), scale,
-        )  # fmt: skip
-        offset += width
+    if lib is None:
+        return "no compiled kernel"
+    if plan.reason is not None:
+        return plan.reason
+    if x.dtype != plan.dtype or y.dtype != plan.dtype:
+        return f"activations {str(x.dtype).removeprefix('torch.')}, lora {str(plan.dtype).removeprefix('torch.')}"
+    if y.dim() != 2 or y.stride(1) != 1 or x.dim() != 2 or x.shape[1] != plan.width_in:
+        return "activations not (tokens, features) with unit column stride"
+    if y.shape[1] < sum(plan.widths) or slots.dtype != torch.int64 or slots.shape[0] != x.shape[0]:
+        return "output or slot indices do not match the batch"
+    if not x.is_contiguous():
+        x = x.contiguous()
+    plan.refresh()
+    if plan.rank == 0:  # every slot is empty: nothing to add
+        if stats is not None:
+            stats.add_fast(plan.name)
+        return None
+    tokens = x.shape[0]
+    if tokens * plan.work < PARALLEL_MIN_WORK or not _info.get("threads_ok", False):
+        threads = 1
+    rc = lib.es_member_lora(
+        plan.code, x.data_ptr(), tokens, plan.width_in, plan.a_ptrs, plan.slot_rank, plan.n_slots, plan.bt_ptrs,
+        plan.c_widths,
+        plan.n, plan.rank, y.data_ptr(), y.stride(0), 0, slots.data_ptr(), scale, threads,
+    )  # fmt: skip
+    if rc < 1:
+        return "kernel refused its arguments (a slot index past the stacked tensors?)"
+    if stats is not None:
+        stats.add_fast(plan.name)
+        stats.team = max(stats.team, rc)
+    return None
+
+
+def member_lora(
+    y, x, a_stacked, b_stacked, slots, output_slices, scale: float = 1.0, threads: int | None = None, stats=None
+) -> str:
+    """y[t, slice k] += B_k[s_t] (scale A_k[s_t] x_t) for every token t whose slot s_t >= 0, in place.
+
+    Returns the path taken: "es-c-<dtype>" or "torch: <why the C kernel could not take it>".
+    `threads` defaults to torch's thread count.
+    """
+    plan = LayerPlan(a_stacked, b_stacked, output_slices)
+    slots = slots.contiguous()
+    threads = torch.get_num_threads() if threads is None else threads
+    reason = _run(plan, y, x, slots, scale, threads, stats)
+    if reason is None:
+        return f"es-c-{plan.name}"
+    if stats is not None:
+        stats.add_fallback(reason)
+    member_lora_torch(y, x, a_stacked, b_stacked, slots, output_slices, scale)
+    return f"torch: {reason}"
 
 
 _zero_cache: dict[int, tuple[int, bool]] = {}
@@ -163,9 +370,10 @@ def _all_zero(t: torch.Tensor) -> bool:
 
 
 def install(punica) -> bool:
-    """Routes a PunicaWrapperCPU's linear LoRA through `member_lora`; returns False if not applicable.
+    """Routes a PunicaWrapperCPU's linear LoRA through the member kernel; False if not applicable.
 
-    Only the instance is patched, so other engines in the process keep vLLM's own path.
+    Only the instance is patched, so other engines in the process keep vLLM's own path, and
+    `uninstall` gives this one its own path back (the benchmark times both on one engine).
     """
     if getattr(punica, "_es_kernel", False):
         return True
@@ -173,6 +381,16 @@ def install(punica) -> bool:
         return False  # GPU wrappers run fused Triton kernels already
     original_update = punica.update_metadata
     original_linear = punica.add_lora_linear
+    original_logits = punica.add_lora_logits
+    original_embedding = punica.add_lora_embedding
+    punica._es_originals = {
+        "update_metadata": original_update,
+        "add_lora_linear": original_linear,
+        "add_lora_logits": original_logits,
+        "add_lora_embedding": original_embedding,
+    }
+    stats = punica._es_stats = getattr(punica, "_es_stats", None) or KernelStats()
+    plans: dict[int, LayerPlan] = {}
 
     def update_metadata(*args, **kwargs):
         original_update(*args, **kwargs)
@@ -180,19 +398,27 @@ def install(punica) -> bool:
         # skips the LoRA term entirely instead of visiting every token to find slot -1.
         punica._es_slots = punica.token_lora_indices.contiguous()
         punica._es_any = bool((punica._es_slots >= 0).any())
+        # vLLM fixes its compute threads when the worker starts; read here, off the per-layer path.
+        stats.threads = torch.get_num_threads()
 
     def add_lora_linear(y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, **kwargs):
         slots = getattr(punica, "_es_slots", None)
-        x2 = x.reshape(-1, x.shape[-1])
-        y2 = y.view(-1, y.shape[-1])
+        # vLLM passes 2-D tensors already; a reshape or view would cost a tensor object per call.
+        x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
         if slots is None or slots.shape[0] != x2.shape[0]:
+            stats.add_fallback("no member slots for this batch")
             return original_linear(y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, **kwargs)
-        if punica._es_any:
-            member_lora(y2, x2.contiguous(), lora_a_stacked, lora_b_stacked, slots, output_slices, scale)
+        if not punica._es_any:
+            return None
+        plan = plans.get(id(lora_a_stacked))
+        if plan is None or plan.a is not lora_a_stacked or plan.b is not lora_b_stacked:
+            plan = plans[id(lora_a_stacked)] = LayerPlan(lora_a_stacked, lora_b_stacked, output_slices)
+        y2 = y if y.dim() == 2 else y.view(-1, y.shape[-1])
+        reason = _run(plan, y2, x2, slots, scale, stats.threads, stats)
+        if reason is not None:
+            stats.add_fallback(reason)
+            member_lora_torch(y2, x2, lora_a_stacked, lora_b_stacked, slots, output_slices, scale)
         return None
-
-    original_logits = punica.add_lora_logits
-    original_embedding = punica.add_lora_embedding
 
     def add_lora_logits(y, x, lora_a_stacked, lora_b_stacked, scale, **kwargs):
         # ES members leave the head and embeddings untouched; vLLM would still gather a
@@ -212,3 +438,24 @@ def install(punica) -> bool:
     punica.add_lora_embedding = add_lora_embedding
     punica._es_kernel = True
     return True
+
+
+def uninstall(punica) -> None:
+    """Gives a wrapper back vLLM's own LoRA ops (its call counts are kept)."""
+    if not getattr(punica, "_es_kernel", False):
+        return
+    for name in punica._es_originals:
+        delattr(punica, name)  # the instance attributes shadowed the class methods
+    punica._es_slots = None
+    punica._es_kernel = False
+
+
+def report(wrappers) -> dict:
+    """Calls served by the kernel and by the fallback over a worker's wrappers, and what ran."""
+    wrappers = list(wrappers)
+    merged = merge_reports(w._es_stats.as_dict() for w in wrappers if getattr(w, "_es_stats", None))
+    merged["installed"] = bool(wrappers) and all(getattr(w, "_es_kernel", False) for w in wrappers)
+    merged["kernel"] = describe(merged) if merged["installed"] else "vllm"
+    merged["load_error"] = load_error()
+    merged.update(kernel_info())
+    return merged

@@ -68,9 +68,20 @@ class VLLMEngine:
         if lora_kernel not in ("es", "vllm"):
             raise ValueError(f"lora_kernel must be 'es' or 'vllm', got {lora_kernel!r}")
         rows = self._rpc("es_setup", list(modules), lora_kernel)
-        self.lora_kernel = self._rpc("es_kernel")
         self.targets = [Target(layer, param.split(".")[-2], m, n, param) for param, layer, m, n in rows]
         self._lora_ids: dict[str, int] = {}
+
+    @property
+    def lora_kernel(self) -> str:
+        """The LoRA path that really ran ("es-c-bf16", "es-torch-fallback", "vllm"; see member_kernel)."""
+        return self._rpc("es_kernel")
+
+    def kernel_report(self) -> dict:
+        return self._rpc("es_kernel_report")
+
+    def use_kernel(self, kernel: str) -> str:
+        """Serves members with the member kernel ("es") or vLLM's own LoRA ops ("vllm") from now on."""
+        return self._rpc("es_use_kernel", kernel)
 
     def _rpc(self, method: str, *args):
         results = self.llm.collective_rpc(method, args=args)

@@ -137,12 +137,32 @@ class ESWorkerExtension:
         return {k: v.clone() for k, v in self._es_master.items() if k in trained}
 
     def es_kernel(self) -> str:
-        """Which LoRA path serves members: "es" (member kernel) or "vllm"."""
-        from .member_kernel import load_error
+        """The LoRA path that really served members: "es-c-<dtype>", "es-torch-fallback", "vllm"...
 
-        if not self._es_kernel:
-            return "vllm"
-        return "es" if load_error() is None else "es-torch"
+        See member_kernel.describe; "es-idle" until a member batch has run.
+        """
+        return self.es_kernel_report()["kernel"]
+
+    def es_kernel_report(self) -> dict:
+        """Kernel and fallback call counts (with reasons), threads, and what the kernel build can do."""
+        from .member_kernel import report
+
+        return report(self.model_runner.lora_manager._adapter_manager.punica_wrapper_mapping.values())
+
+    def es_use_kernel(self, kernel: str) -> str:
+        """Switches this engine between the member kernel ("es") and vLLM's own LoRA ops ("vllm")."""
+        from .member_kernel import install, uninstall
+
+        wrappers = self.model_runner.lora_manager._adapter_manager.punica_wrapper_mapping.values()
+        if kernel == "es":
+            self._es_kernel = all([install(w) for w in wrappers])
+        elif kernel == "vllm":
+            for w in wrappers:
+                uninstall(w)
+            self._es_kernel = False
+        else:
+            raise ValueError(f"kernel must be 'es' or 'vllm', got {kernel!r}")
+        return self.es_kernel()
 
     def es_memory(self) -> dict:
         """Bytes held for members: the seed-built factors cached for this epoch, and vLLM's slots."""

@@ -24,6 +24,66 @@ def engines(tiny_model_dir):
     engine.close()
 
 
+# First in this file on purpose: its engine is closed before the module's float32 engine starts, as
+# vLLM's CPU worker sizes its KV cache against the whole process's memory.
+def test_auto_dtype_members_match_the_float64_reference(tiny_model_dir):
+    """The machine's own dtype (bfloat16 where the CPU has native bf16) through the member kernel.
+
+    Greedy tokens cannot be compared exactly: bf16 rounding flips near-ties. What must hold is that
+    every member's next-token log-probabilities agree with the float64 member far better than they
+    agree with any other model: the error from bf16 is a small fraction of what the member's own
+    perturbation moves (a missing, misplaced or mis-scaled LoRA term is as large as that), and vLLM's
+    greedy choice is the float64 argmax or within the bf16 error of it.
+    """
+    from es_serve.sizing import resolve_dtype
+    from es_serve.vllm_engine import VLLMEngine
+
+    members = 8
+    pop = Population(size=members, rank=1, sigma=0.3)
+    engine = VLLMEngine(tiny_model_dir, pop, len(PROMPTS), 1, dtype="auto", memory_fraction=0.1)
+    try:
+        assert engine.dtype == resolve_dtype("auto")
+        from vllm import SamplingParams
+        from vllm.lora.request import LoRARequest  # noqa: F401  (engine._lora builds them)
+
+        gen = Generation(pop, seed=5, epoch=0)
+        top = 20
+        requests, loras = [], []
+        for i in range(members):
+            for p in PROMPTS:
+                requests.append({"prompt_token_ids": engine.encode(p)})
+                loras.append(engine._lora(gen, i))
+        params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=top)
+        outputs = engine.llm.generate(requests, params, lora_request=loras, use_tqdm=False)
+        kernel = engine.lora_kernel
+        report = engine.kernel_report()
+    finally:
+        engine.close()
+    name = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}[engine.dtype]
+    assert kernel == f"es-c-{name}", report
+    assert report["fallback_calls"] == {}
+
+    dense = DenseEngine(tiny_model_dir, dtype=torch.float64)
+    errors, moves = [], []
+    for k, out in enumerate(outputs):
+        i, p = divmod(k, len(PROMPTS))
+        ids = engine.encode(PROMPTS[p])
+        member = torch.log_softmax(dense.logits(ids, gen, i)[-1], -1)
+        base = torch.log_softmax(dense.logits(ids)[-1], -1)
+        got = out.outputs[0].logprobs[0]
+        tokens = torch.tensor(sorted(got))
+        vllm_lp = torch.tensor([got[t].logprob for t in sorted(got)], dtype=torch.float64)
+        errors.append((vllm_lp - member[tokens]).abs().max().item())
+        moves.append((member - base).abs().max().item())
+        chosen = out.outputs[0].token_ids[0]
+        # The greedy pick is the exact argmax, or a near-tie within this request's own bf16 error.
+        assert member[chosen] >= member.max() - 2 * errors[-1] - 1e-6
+    # sigma 0.3 moves the log-probabilities by O(1); bf16 (u = 2^-8) through two small layers must
+    # stay an order of magnitude below that, here and for every request.
+    assert min(moves) > 0.3, moves
+    assert max(e / m for e, m in zip(errors, moves, strict=True)) < 0.1, (errors, moves)
+
+
 def _tokens(rows):
     return [[c.token_ids for c in row] for row in rows]
 
@@ -107,8 +167,10 @@ def test_load_state_dict_round_trip(engines):
 
 def test_member_kernel_serves_the_members(engines):
     engine, _ = engines
-    # The population tests above ran through it; "vllm" or "es-torch" here would mean a silent fallback.
-    assert engine.lora_kernel == "es"
+    # The population tests above ran through it; anything else here would mean a silent fallback.
+    assert engine.lora_kernel == "es-c-f32"
+    report = engine.kernel_report()
+    assert report["fallback_calls"] == {} and report["fast_calls"]["f32"] > 0
 
 
 def test_plain_requests_in_a_member_batch_stay_unperturbed(engines):

@@ -5,41 +5,322 @@
  * reads its member's rows in place: r dot products of length `in`, then r axpys of length `out`,
  * written straight into the layer's output. Tokens with slot -1 carry no adapter and are skipped.
  *
- * Layouts are vLLM's stacked LoRA tensors: A is (slots, 1, max_rank, in), B is (slots, 1, out,
- * max_rank), both contiguous float32. y is (tokens, y_stride) and this slice starts at y_offset.
+ * A is vLLM's stacked LoRA tensor, (slots, 1, max_rank, in); B is a transposed copy of its stacked
+ * (slots, 1, out, max_rank) kept by the caller, cut to the rows any slot uses. All are contiguous,
+ * in the same dtype as x and y (vLLM's lora_dtype defaults to the model dtype). y is
+ * (tokens, y_stride) and slice k starts at column y_offset + sum of earlier widths.
+ * Every product is summed in float32 and each output element is rounded once.
+ *
+ * Threads: tokens are grouped by member and the groups split over an OpenMP team. The library
+ * needs libgomp.so.1, which torch's wheels bring under that name and load first, so the dynamic
+ * linker hands back torch's runtime and the team is torch's own pool rather than a second one
+ * competing for the same cores (member_kernel.py checks that no other runtime got mapped, and runs
+ * serially if one did). The caller passes torch's thread count, and 1 for small batches.
  */
 #include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#if defined(__AVX512F__) || defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
-void es_member_lora(const float *x, int64_t tokens, int64_t in, const float *a, const float *b,
-                    int64_t max_rank, int64_t out, float *y, int64_t y_stride, int64_t y_offset,
-                    const int64_t *slots, float scale) {
-    float h[512];
-    if (max_rank > 512) return; /* vLLM caps max_lora_rank at 512; the caller checks too */
-    for (int64_t t = 0; t < tokens; ++t) {
-        const int64_t s = slots[t];
-        if (s < 0) continue;
-        const float *xt = x + t * in;
-        const float *as = a + s * max_rank * in;
-        for (int64_t r = 0; r < max_rank; ++r) {
-            const float *ar = as + r * in;
-            float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-            for (int64_t i = 0; i < in; ++i) acc += xt[i] * ar[i];
-            h[r] = acc * scale;
-        }
-        const float *bs = b + s * out * max_rank;
-        float *yt = y + t * y_stride + y_offset;
-        if (max_rank == 1) {
-            const float h0 = h[0];
-#pragma omp simd
-            for (int64_t o = 0; o < out; ++o) yt[o] += h0 * bs[o];
-        } else {
-            for (int64_t o = 0; o < out; ++o) {
-                const float *bo = bs + o * max_rank;
-                float acc = 0.0f;
-                for (int64_t r = 0; r < max_rank; ++r) acc += bo[r] * h[r];
-                yt[o] += acc;
-            }
-        }
+#define ES_MAX_RANK 512
+enum { ES_F32 = 0, ES_BF16 = 1, ES_F16 = 2 };
+
+static inline float bf16_load(uint16_t v) {
+    uint32_t u = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t bf16_store(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* NaN stays NaN */
+    u += 0x7fffu + ((u >> 16) & 1u); /* round to nearest, ties to even, as torch does */
+    return (uint16_t)(u >> 16);
+}
+
+#if defined(__FLT16_MAX__) && !defined(ES_NO_FLOAT16)
+typedef _Float16 es_half;
+static inline float f16_load(es_half v) { return (float)v; }
+static inline es_half f16_store(float f) { return (es_half)f; }
+#else
+/* No _Float16 in this compiler: IEEE binary16 by hand (only the slow path of old toolchains). */
+typedef uint16_t es_half;
+static inline float f16_load(es_half h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, u;
+    if (exp == 0x1f) {
+        u = sign | 0x7f800000u | (man << 13);
+    } else if (exp != 0) {
+        u = sign | ((exp + 112) << 23) | (man << 13);
+    } else if (man == 0) {
+        u = sign;
+    } else {
+        int e = -1;
+        do { ++e; man <<= 1; } while (!(man & 0x400));
+        u = sign | ((uint32_t)(112 - e) << 23) | ((man & 0x3ff) << 13);
     }
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+static inline es_half f16_store(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    uint32_t sign = (u >> 16) & 0x8000, a = u & 0x7fffffffu;
+    if (a >= 0x7f800000u) return (es_half)(sign | 0x7c00 | (a > 0x7f800000u ? 0x200 : 0));
+    if (a >= 0x477ff000u) return (es_half)(sign | 0x7c00); /* rounds past the largest half */
+    if (a < 0x38800000u) { /* subnormal half */
+        if (a < 0x33000000u) return (es_half)sign;
+        uint32_t man = (a & 0x7fffff) | 0x800000, shift = 126 - (a >> 23);
+        uint32_t q = man >> shift, rem = man & ((1u << shift) - 1), half = 1u << (shift - 1);
+        q += (rem > half) || (rem == half && (q & 1));
+        return (es_half)(sign | q);
+    }
+    uint32_t q = a - 0x38000000u;
+    q += 0xfffu + ((q >> 13) & 1u);
+    return (es_half)(sign | (q >> 13));
+}
+#endif
+
+/* Sixteen outputs at a time in one vector register: y += sum_r h[r] B^T[r], loaded and rounded once
+ * (AVX-512). Each returns how many of the n outputs it did; the rest take the portable loop. */
+#ifdef __AVX512F__
+static inline __m512 bf16x16_load(const uint16_t *p) {
+    __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+}
+
+static inline void bf16x16_store(uint16_t *p, __m512 v) {
+#ifdef __AVX512BF16__
+    _mm256_storeu_si256((__m256i *)p, (__m256i)_mm512_cvtneps_pbh(v));
+#else
+    __m512i u = _mm512_castps_si512(v);
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+    __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
+    _mm256_storeu_si256((__m256i *)p, _mm512_cvtepi32_epi16(r));
+#endif
+}
+
+static inline int64_t expand16_f32(float *yo, const float *b0, int64_t out, const float *h, int64_t rank,
+                                   int64_t n) {
+    int64_t o = 0;
+    for (; o + 16 <= n; o += 16) {
+        __m512 acc = _mm512_loadu_ps(yo + o);
+        for (int64_t r = 0; r < rank; ++r)
+            acc = _mm512_fmadd_ps(_mm512_set1_ps(h[r]), _mm512_loadu_ps(b0 + r * out + o), acc);
+        _mm512_storeu_ps(yo + o, acc);
+    }
+    return o;
+}
+
+static inline int64_t expand16_bf16(uint16_t *yo, const uint16_t *b0, int64_t out, const float *h, int64_t rank,
+                                    int64_t n) {
+    int64_t o = 0;
+    for (; o + 16 <= n; o += 16) {
+        __m512 acc = bf16x16_load(yo + o);
+        for (int64_t r = 0; r < rank; ++r)
+            acc = _mm512_fmadd_ps(_mm512_set1_ps(h[r]), bf16x16_load(b0 + r * out + o), acc);
+        bf16x16_store(yo + o, acc);
+    }
+    return o;
+}
+#else
+#define expand16_f32(...) ((int64_t)0)
+#define expand16_bf16(...) ((int64_t)0)
+#endif
+#define expand16_f16(...) ((int64_t)0)
+
+/* A group of tokens of one member: h_j = scale * A_s x_j (rank r), then y_j += B_s h_j.
+ * B arrives transposed, (rank, out) per slot, so the update is r contiguous axpys, and each block
+ * of B is read once for the whole group while it sits in L1 (a decode batch has P tokens per
+ * member; reading the member's rows once instead of P times keeps the kernel off the memory bus).
+ * Each output element is rounded once. */
+#define ES_BLOCK 256
+#define ES_GROUP 8
+#define ES_GROUP_FN(NAME, T, LOAD, STORE, DOT, EXPAND16)                                                \
+    static void NAME(const T *x, const int64_t *tok, int64_t count, const T *as, const T *bts,          \
+                     int64_t in, int64_t rank, int64_t out, T *y, int64_t y_stride, float scale) {     \
+        float h[ES_GROUP][ES_MAX_RANK], acc[ES_BLOCK];                                                 \
+        for (int64_t j = 0; j < count; ++j)                                                            \
+            for (int64_t r = 0; r < rank; ++r) h[j][r] = DOT(x + tok[j] * in, as + r * in, in) * scale; \
+        for (int64_t o0 = 0; o0 < out; o0 += ES_BLOCK) {                                               \
+            const int64_t n = out - o0 < ES_BLOCK ? out - o0 : ES_BLOCK;                               \
+            for (int64_t j = 0; j < count; ++j) {                                                      \
+                T *yo = y + tok[j] * y_stride + o0;                                                    \
+                const int64_t done = EXPAND16(yo, bts + o0, out, h[j], rank, n);                       \
+                if (done == n) continue;                                                               \
+                _Pragma("omp simd") for (int64_t o = done; o < n; ++o) acc[o] = LOAD(yo[o]);           \
+                for (int64_t r = 0; r < rank; ++r) {                                                   \
+                    const T *br = bts + r * out + o0;                                                  \
+                    const float hr = h[j][r];                                                          \
+                    _Pragma("omp simd") for (int64_t o = done; o < n; ++o) acc[o] += hr * LOAD(br[o]); \
+                }                                                                                      \
+                _Pragma("omp simd") for (int64_t o = done; o < n; ++o) yo[o] = STORE(acc[o]);          \
+            }                                                                                          \
+        }                                                                                              \
+    }
+
+static inline float f32_load(float v) { return v; }
+static inline float f32_store(float v) { return v; }
+
+/* Dot products keep four vector accumulators: one would serialise every step on the latency of
+ * the previous multiply-add (four to six cycles) instead of issuing one or two per cycle. */
+static inline float dot_f32(const float *x, const float *a, int64_t n) {
+#ifdef __AVX512F__
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps(), acc2 = _mm512_setzero_ps(),
+           acc3 = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 64 <= n; i += 64) {
+        acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + i), _mm512_loadu_ps(a + i), acc0);
+        acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(x + i + 16), _mm512_loadu_ps(a + i + 16), acc1);
+        acc2 = _mm512_fmadd_ps(_mm512_loadu_ps(x + i + 32), _mm512_loadu_ps(a + i + 32), acc2);
+        acc3 = _mm512_fmadd_ps(_mm512_loadu_ps(x + i + 48), _mm512_loadu_ps(a + i + 48), acc3);
+    }
+    for (; i < n; i += 16) {
+        __mmask16 m = n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1);
+        acc0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, x + i), _mm512_maskz_loadu_ps(m, a + i), acc0);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc0, acc1), _mm512_add_ps(acc2, acc3)));
+#else
+    float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t i = 0; i < n; ++i) acc += x[i] * a[i];
+    return acc;
+#endif
+}
+
+static inline float dot_bf16(const uint16_t *x, const uint16_t *a, int64_t n) {
+#ifdef __AVX512BF16__
+    /* Native bf16 pairs: 32 products per instruction, each summed in float32. */
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps(), acc2 = _mm512_setzero_ps(),
+           acc3 = _mm512_setzero_ps();
+    int64_t i = 0;
+#define ES_DP(ACC, OFF)                                                                                 \
+    ACC = _mm512_dpbf16_ps(ACC, (__m512bh)_mm512_loadu_si512((const void *)(x + i + OFF)),              \
+                           (__m512bh)_mm512_loadu_si512((const void *)(a + i + OFF)))
+    for (; i + 128 <= n; i += 128) {
+        ES_DP(acc0, 0);
+        ES_DP(acc1, 32);
+        ES_DP(acc2, 64);
+        ES_DP(acc3, 96);
+    }
+    for (; i + 32 <= n; i += 32) ES_DP(acc0, 0);
+#undef ES_DP
+    if (i < n) {
+        __mmask32 m = (__mmask32)((1ull << (n - i)) - 1);
+        __m512i xv = _mm512_maskz_loadu_epi16(m, (const void *)(x + i));
+        __m512i av = _mm512_maskz_loadu_epi16(m, (const void *)(a + i));
+        acc1 = _mm512_dpbf16_ps(acc1, (__m512bh)xv, (__m512bh)av);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc0, acc1), _mm512_add_ps(acc2, acc3)));
+#else
+    float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t i = 0; i < n; ++i) acc += bf16_load(x[i]) * bf16_load(a[i]);
+    return acc;
+#endif
+}
+
+static inline float dot_f16(const es_half *x, const es_half *a, int64_t n) {
+    float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t i = 0; i < n; ++i) acc += f16_load(x[i]) * f16_load(a[i]);
+    return acc;
+}
+
+ES_GROUP_FN(group_f32, float, f32_load, f32_store, dot_f32, expand16_f32)
+ES_GROUP_FN(group_bf16, uint16_t, bf16_load, bf16_store, dot_bf16, expand16_bf16)
+ES_GROUP_FN(group_f16, es_half, f16_load, f16_store, dot_f16, expand16_f16)
+
+/* Which instruction path this build uses for bf16: lets the caller report what really ran. */
+int es_member_lora_bf16_native(void) {
+#ifdef __AVX512BF16__
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* Whether tokens can be split over threads (built with OpenMP) or always run serially. */
+int es_member_lora_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+#define ES_SLICES(T, GROUP)                                                                             \
+    do {                                                                                                \
+        int64_t offset = y_offset;                                                                      \
+        for (int64_t k = 0; k < n_slices; ++k) {                                                        \
+            const T *as = (const T *)a[k] + s * a_rows * in;                                            \
+            const T *bs = (const T *)bt[k] + s * rank * widths[k];                                      \
+            GROUP((const T *)x, tok, count, as, bs, in, rank, widths[k], (T *)y + offset, y_stride, scale); \
+            offset += widths[k];                                                                        \
+        }                                                                                               \
+    } while (0)
+
+/* All slices of one layer for every token. A_k is (n_slots, a_rows, in) of which the first `rank`
+ * rows are used (vLLM pads every slot to its max rank); B_k is given transposed, (n_slots, rank,
+ * width_k). Tokens are grouped by slot (a counting sort), groups cut into units of at most
+ * ES_GROUP tokens, and the units split over `threads`. Returns the number of threads that ran, or
+ * -1 for arguments it cannot take (nothing is written then). */
+int es_member_lora(int dtype, const void *x, int64_t tokens, int64_t in, const void *const *a, int64_t a_rows,
+                   int64_t n_slots, const void *const *bt, const int64_t *widths, int64_t n_slices, int64_t rank,
+                   void *y, int64_t y_stride, int64_t y_offset, const int64_t *slots, float scale, int threads) {
+    if (rank < 1 || rank > ES_MAX_RANK || rank > a_rows || dtype < ES_F32 || dtype > ES_F16) return -1;
+    if (tokens <= 0) return 1;
+    int64_t *start = calloc((size_t)n_slots + 1, sizeof(int64_t));
+    int64_t *order = malloc((size_t)tokens * sizeof(int64_t));
+    int64_t *units = malloc(((size_t)tokens + (size_t)n_slots) * sizeof(int64_t));
+    int rc = -1;
+    if (!start || !order || !units) goto done;
+    for (int64_t t = 0; t < tokens; ++t) {
+        if (slots[t] >= n_slots) goto done;
+        if (slots[t] >= 0) ++start[slots[t] + 1];
+    }
+    for (int64_t s = 0; s < n_slots; ++s) start[s + 1] += start[s];
+    int64_t n_units = 0;
+    for (int64_t s = 0; s < n_slots; ++s)
+        for (int64_t i = start[s]; i < start[s + 1]; i += ES_GROUP) units[n_units++] = i;
+    {
+        int64_t *fill = malloc((size_t)n_slots * sizeof(int64_t));
+        if (!fill) goto done;
+        memcpy(fill, start, (size_t)n_slots * sizeof(int64_t));
+        for (int64_t t = 0; t < tokens; ++t)
+            if (slots[t] >= 0) order[fill[slots[t]]++] = t;
+        free(fill);
+    }
+    if (threads < 1) threads = 1;
+    int team = 1;
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
+    for (int64_t u = 0; u < n_units; ++u) {
+#ifdef _OPENMP
+        if (u == 0) team = omp_get_num_threads();
+#endif
+        const int64_t first = units[u], s = slots[order[first]];
+        const int64_t end = start[s + 1] < first + ES_GROUP ? start[s + 1] : first + ES_GROUP;
+        const int64_t *tok = order + first, count = end - first;
+        if (dtype == ES_F32)
+            ES_SLICES(float, group_f32);
+        else if (dtype == ES_BF16)
+            ES_SLICES(uint16_t, group_bf16);
+        else
+            ES_SLICES(es_half, group_f16);
+    }
+    rc = team;
+done:
+    free(start);
+    free(order);
+    free(units);
+    return rc;
 }

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from adapters import Population, shape_fitness
+from adapters.noise import NOISE_VERSION
 from es_serve.dense import DenseEngine
 from es_serve.types import Generation, Sampling
 
@@ -91,7 +92,16 @@ def test_merge_matches_dense_keeps_untrained_tensors_and_exports(arch, tmp_path)
     run.create(Config.model_validate({"model": {"name": str(path)}, "es": {"population": POP.size, "rank": POP.rank}}))
     spec = {"size": POP.size, "rank": POP.rank, "sigma": POP.sigma, "antithetic": POP.antithetic}
     run.commit_step(
-        {"step": 1, "seed": 9, "epoch": 1, "population": spec, "lr": 1.0, "scaling": "mean", "shaped": shaped.tolist()}
+        {
+            "step": 1,
+            "seed": 9,
+            "epoch": 1,
+            "population": spec,
+            "lr": 1.0,
+            "scaling": "mean",
+            "shaped": shaped.tolist(),
+            "noise": NOISE_VERSION,
+        }
     )
     out = export_run(run.path, tmp_path / "out")
     model = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float64, attn_implementation="eager")

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from adapters import Population, shape_fitness
+from adapters.noise import NOISE_VERSION
 from es_serve.config import Config
 from es_serve.dense import DenseEngine
 from es_serve.export import export_run
@@ -56,7 +57,7 @@ def _run_dir(path: Path, model_dir: Path) -> RunDir:
     for step, (gen, shaped) in enumerate(_updates(), start=1):
         spec = {"size": POP.size, "rank": POP.rank, "sigma": POP.sigma, "antithetic": POP.antithetic}
         entry = {"step": step, "seed": gen.seed, "epoch": gen.epoch, "population": spec, "lr": 0.5}
-        run.commit_step({**entry, "scaling": "mean", "shaped": [float(x) for x in shaped]})
+        run.commit_step({**entry, "scaling": "mean", "shaped": [float(x) for x in shaped], "noise": NOISE_VERSION})
     run.log_metrics({"step": 0, "eval_reward": 0.4, "eval_per_prompt": FIRST})
     run.log_metrics({"step": 1, "reward_mean": 0.5})
     run.log_metrics({"step": 2, "reward_mean": 0.6, "eval_reward": 0.8, "eval_per_prompt": LAST})

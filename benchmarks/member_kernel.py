@@ -136,7 +136,8 @@ def plot(rows: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, len(layers), figsize=(6 * len(layers), 4), dpi=100, squeeze=False)
     for ax, layer in zip(axes[0], layers, strict=True):
         sel = [r for r in rows if r["layer"] == layer]
-        labels = [f"{r['dtype'][:4]} r{r['rank']} t{r['threads']}" for r in sel]
+        short = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
+        labels = [f"{short[r['dtype']]} r{r['rank']} {r['threads']}thr" for r in sel]
         xs = range(len(sel))
         for k, (name, color) in enumerate([("es", "C0"), ("vllm", "C1"), ("gemm", "grey")]):
             ax.bar(

@@ -75,5 +75,5 @@ def test_a_baseline_faster_than_pure_inference_is_flagged_not_reported():
     # Within the spread of the pure runs it is noise, not a broken measurement.
     assert flag_broken([250.0, 254.0, 253.0], [252.0, 249.0, 256.0]) is None
     # Pure inference itself all over the place (measured on a loaded machine): nothing is compared.
-    why = flag_broken([124.0], [40.0, 68.0], [40.0, 68.0, 337.0, 43.0])
+    why = flag_broken([124.0], [40.0, 68.0, 337.0])
     assert "range from 40 to 337 tok/s" in why

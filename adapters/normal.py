@@ -45,15 +45,14 @@ import ctypes
 import hashlib
 import logging
 import math
-import os
 import platform
-import shutil
 import subprocess
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
+from .native import compile_library, compiler_version, find_compiler, kernel_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -250,32 +249,21 @@ _load_error: str | None = None
 
 
 def _library_path(compiler: str) -> Path:
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), *FLAGS, version, platform.machine()]).encode()).hexdigest()
-    root = os.environ.get("ES_SERVE_CACHE") or Path.home() / ".cache" / "es-serve"
-    return Path(root) / "kernels" / f"normal-{key[:16]}.so"
+    parts = [SOURCE.read_text(), *FLAGS, compiler_version(compiler), platform.machine()]
+    key = hashlib.sha256("\0".join(parts).encode()).hexdigest()
+    return kernel_cache_dir() / f"normal-{key[:16]}.so"
 
 
 def build(compiler: str | None = None, flags: Sequence[str] = (), target: Path | None = None) -> Path:
-    """Compiles kernels/normal.c once per machine and compiler (later calls find it in the cache)."""
-    compiler = compiler or os.environ.get("CC") or "cc"
-    if shutil.which(compiler) is None:
-        raise RuntimeError(f"no C compiler '{compiler}' on PATH (install gcc, or set CC)")
+    """Compiles kernels/normal.c once per machine and compiler (later calls find it in the cache).
+
+    Extra `flags` (tests build -O0 and -march=native variants) always rebuild `target`.
+    """
+    compiler = find_compiler(compiler)
     target = target or _library_path(compiler)
-    if target.is_file() and not flags:
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so.tmp")
-    os.close(fd)
-    try:
-        proc = subprocess.run([compiler, *FLAGS, *flags, str(SOURCE), "-o", tmp, *LIBS], capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"compiling {SOURCE.name} failed: {proc.stderr.strip()[-800:]}")
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
+    if flags and target.is_file():
+        target.unlink()
+    return compile_library(compiler, [*FLAGS, *flags], SOURCE, target, LIBS)
 
 
 class Kernel:

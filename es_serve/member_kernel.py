@@ -19,13 +19,12 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import logging
-import os
-import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
+
+from adapters.native import compile_library, compiler_version, find_compiler, kernel_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +43,7 @@ _info: dict = {}
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("ES_SERVE_CACHE") or Path.home() / ".cache" / "es-serve"
-    return Path(root) / "kernels"
+    return kernel_cache_dir()
 
 
 def _cpu_signature() -> str:
@@ -62,8 +60,7 @@ def _cpu_signature() -> str:
 
 
 def library_path(compiler: str, variant: str = "openmp") -> Path:
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False).stdout
-    parts = [SOURCE.read_text(), *FLAGS, *VARIANTS[variant], version, _cpu_signature()]
+    parts = [SOURCE.read_text(), *FLAGS, *VARIANTS[variant], compiler_version(compiler), _cpu_signature()]
     key = hashlib.sha256("\0".join(parts).encode()).hexdigest()
     return cache_dir() / f"member_lora-{variant}-{key[:16]}.so"
 
@@ -72,22 +69,7 @@ def _compile(compiler: str, variant: str, extra: list[str]) -> Path:
     target = library_path(compiler, variant)
     if extra:
         target = target.with_name(target.stem + "-" + hashlib.sha256(" ".join(extra).encode()).hexdigest()[:8] + ".so")
-    if target.is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Built beside the target and renamed: concurrent builders each finish a whole file.
-    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so.tmp")
-    os.close(fd)
-    try:
-        cmd = [compiler, *FLAGS, *VARIANTS[variant], *extra, str(SOURCE), "-o", tmp]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"compiling {SOURCE.name} failed: {proc.stderr.strip()[-800:]}")
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
+    return compile_library(compiler, [*FLAGS, *VARIANTS[variant], *extra], SOURCE, target)
 
 
 def build(compiler: str | None = None, extra: list[str] | None = None) -> Path:
@@ -95,9 +77,7 @@ def build(compiler: str | None = None, extra: list[str] | None = None) -> Path:
 
     `extra` adds compiler flags (tests use it to build the portable paths on any CPU).
     """
-    compiler = compiler or os.environ.get("CC") or "cc"
-    if shutil.which(compiler) is None:
-        raise RuntimeError(f"no C compiler '{compiler}' on PATH (install gcc, or set CC)")
+    compiler = find_compiler(compiler)
     try:
         return _compile(compiler, "openmp", extra or [])
     except RuntimeError as exc:

@@ -75,13 +75,6 @@ def measure(model_dir: Path, population: int, prompts: int, tokens: int, steps: 
     return row
 
 
-def _cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.ray_bytes", description=__doc__.splitlines()[0])
     parser.add_argument("--populations", type=int, nargs="+", default=[8, 32])
@@ -95,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
+    from benchmarks.throughput import machine
     from es_serve.tiny_model import build_tiny_llama
 
     rows = []
@@ -108,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(rows[-1]), flush=True)
     result = {
         "command": "python -m benchmarks.ray_bytes " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": {"cpu": _cpu_model(), "python": platform.python_version()},
+        "machine": {**machine(), "python": platform.python_version()},
         "ray": ray.__version__,
         "replicas": 2,
         "engine": "dense",

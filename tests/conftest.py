@@ -1,10 +1,13 @@
 import os
+import tempfile
 
 import pytest
 
 # Tests must never reach a model hub; everything they load is built or shipped locally.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# train.report_to=trackio writes to the user's trackio store unless told otherwise; never from tests.
+os.environ.setdefault("TRACKIO_DIR", tempfile.mkdtemp(prefix="es-serve-trackio-"))
 
 
 @pytest.fixture(scope="session")

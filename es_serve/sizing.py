@@ -92,6 +92,13 @@ def _on_gpu() -> bool:
     return torch.cuda.is_available()
 
 
+def gpu_memory() -> tuple[int, int]:
+    """(free, total) bytes of the current CUDA device, as the driver reports them."""
+    import torch
+
+    return torch.cuda.mem_get_info()
+
+
 def plan_engine(
     model_dir: Path,
     pop: Population,
@@ -103,6 +110,7 @@ def plan_engine(
     max_batch: int = 512,
     memory: HostMemory | None = None,
     gpu: bool | None = None,
+    device_memory: tuple[int, int] | None = None,
 ) -> EnginePlan:
     """LoRA slots, batch and KV size for one engine, checked against the memory it will run in.
 
@@ -110,7 +118,10 @@ def plan_engine(
     N x P sequences of `max_model_len` tokens need, capped at `memory_fraction` of the node. vLLM's
     own CPU default reserves `memory_fraction` of the node minus the process's resident memory, which
     fails or differs from machine to machine (and between two engines of one process) for reasons
-    unrelated to the job. On CUDA vLLM profiles the GPU itself and `memory_fraction` keeps its meaning.
+    unrelated to the job. On CUDA vLLM profiles the GPU itself and `memory_fraction` keeps its meaning:
+    the weights, the GPU adapter slots and the step's KV cache are checked against that share of the
+    device's memory (and what is free on it), the host only against the float32 masters and the
+    cached member factors it keeps.
     """
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"model dtype {dtype!r} is not supported; use one of {sorted(DTYPE_BYTES)}")
@@ -173,8 +184,21 @@ def plan_engine(
         kv_bytes,
         kv_cache_bytes,
     )
-    # On a GPU the weights and KV cache live in device memory, which vLLM checks itself; the host
-    # still holds the float32 masters and the cached member factors.
+    if gpu:
+        free, total = gpu_memory() if device_memory is None else device_memory
+        slots = max_loras * rank * layers * sides * nbytes
+        on_device = weight_bytes + slots + kv_bytes
+        budget = min(int(memory_fraction * total), free)
+        if on_device > budget:
+            raise MemoryError(
+                f"this configuration needs about {on_device / gib:.2f} GiB of GPU memory (weights "
+                f"{weight_bytes / gib:.2f}, {max_loras} adapter slots {slots / gib:.2f}, KV cache of {max_num_seqs} "
+                f"sequences x {max_model_len} tokens {kv_bytes / gib:.2f}) but engine.memory_fraction {memory_fraction} "
+                f"of the GPU's {total / gib:.1f} GiB ({free / gib:.1f} GiB free) gives {budget / gib:.2f} GiB: raise "
+                "engine.memory_fraction, or lower es.population, task.prompts_per_step or model.max_model_len"
+            )
+    # On a GPU the weights and KV cache live in device memory (checked above); the host still holds
+    # the float32 masters and the cached member factors.
     needed = plan.master_bytes + plan.adapter_bytes if gpu else plan.total_bytes
     if needed > memory.available:
         where = f"NUMA node {memory.node}" if memory.node is not None else "this machine"

@@ -72,7 +72,10 @@ def test_replicas_on_one_node_share_its_memory(model_dir):
         check_replicas_fit(plan, 3, room)
 
 
-def test_on_gpu_vllm_sizes_the_cache_and_only_host_side_memory_is_checked(model_dir):
+def test_on_gpu_vllm_sizes_the_cache_and_only_host_side_memory_is_checked(model_dir, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (80 * GIB, 80 * GIB))
     pop = Population(8, 1, 0.1)
     cpu = plan_engine(model_dir, pop, 4, 16, 256, "float32", 0.3, memory=HostMemory(0, 16 * GIB, 12 * GIB), gpu=False)
     host_only = cpu.master_bytes + cpu.adapter_bytes
@@ -80,3 +83,30 @@ def test_on_gpu_vllm_sizes_the_cache_and_only_host_side_memory_is_checked(model_
     assert gpu.kv_cache_bytes is None
     with pytest.raises(MemoryError, match="this machine"):
         plan_engine(model_dir, pop, 4, 16, 256, "float32", 0.3, memory=HostMemory(None, GIB, host_only - 1), gpu=True)
+
+
+def test_on_cuda_the_kv_cache_is_checked_against_gpu_memory_not_host_ram(model_dir, monkeypatch):
+    """No GPU here: torch.cuda is patched to report one, and the check must go through it."""
+    import torch
+
+    device = {"free": 80 * GIB, "total": 80 * GIB}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (device["free"], device["total"]))
+    pop = Population(8, 1, 0.1)
+    # By hand: 8 x 4 sequences x 256 tokens x (2 layers x K and V x 64 x 4 bytes) = 8 MiB of KV cache.
+    kv = 32 * 256 * 2 * 2 * 64 * 4
+    assert kv == 8 << 20
+    # Host RAM that could not hold that KV cache: irrelevant on CUDA, the cache lives on the device.
+    host = HostMemory(None, 64 * GIB, 4 << 20)
+    plan = plan_engine(model_dir, pop, 4, 16, 256, "float32", 0.5, memory=host)
+    assert plan.kv_cache_bytes is None and plan.kv_bytes == kv
+    with pytest.raises(MemoryError, match=r"fraction 0.5 of the GPU's 0.0 GiB"):
+        device.update(free=2 * kv, total=2 * kv)  # half of it is the KV cache alone, before the weights
+        plan_engine(model_dir, pop, 4, 16, 256, "float32", 0.5, memory=host)
+    with pytest.raises(MemoryError, match="GPU memory"):
+        device.update(free=kv // 2, total=80 * GIB)  # a large GPU that another process has filled
+        plan_engine(model_dir, pop, 4, 16, 256, "float32", 0.5, memory=host)
+    # The CPU path is unchanged: the same host refuses the KV cache when there is no GPU.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(MemoryError, match="this machine"):
+        plan_engine(model_dir, pop, 4, 16, 256, "float32", 0.5, memory=host)

@@ -11,7 +11,8 @@ weights of a healthy one.
 
 Faults: a replica that dies while generating has its members re-run on the survivors (a member's
 output depends only on its seed and its prompts, so the step's result is unchanged); a replica that
-dies while updating just drops out. A replacement is started in the background and joins at the next
+dies while updating just drops out. A replica that does not answer a call within
+`engine.ray_timeout_s` is treated as dead the same way (killed, its work re-run, replaced). A replacement is started in the background and joins at the next
 step boundary, restored from the run's latest checkpoint plus the replay log after it.
 
 Per-step traffic is measured by serialising the exact call arguments and results (`traffic`).
@@ -142,6 +143,7 @@ class RayEngine:
         self.config, self.model_dir, self.replace_dead = config, model_dir, replace_dead
         eng = config.engine
         self.checksum_every = eng.checksum_every
+        self.timeout = eng.ray_timeout_s
         local = eng.ray_address in (None, "", "local")
         if local and eng.kind == "vllm" and not (eng.replica_gpus or 0):
             # Replicas start concurrently and each checks only itself; together they share one node.
@@ -204,15 +206,16 @@ class RayEngine:
                 ray.available_resources(),
             )
 
-    @staticmethod
-    def _get(ref, what: str):
+    def _get(self, ref, what: str):
         import ray
-        from ray.exceptions import RayActorError
+        from ray.exceptions import GetTimeoutError, RayActorError
 
         try:
-            return ray.get(ref)
+            return ray.get(ref, timeout=self.timeout)
         except RayActorError as exc:
             raise RuntimeError(f"{what} failed: {exc}") from exc
+        except GetTimeoutError as exc:
+            raise RuntimeError(f"{what}: no answer within {self.timeout:g} s (engine.ray_timeout_s)") from exc
 
     def _count(self, key: str, nbytes: int) -> None:
         self.traffic[key] = self.traffic.get(key, 0) + nbytes
@@ -240,7 +243,10 @@ class RayEngine:
         except Exception:  # noqa: BLE001 - already gone is the expected case
             pass
         self.events.append({"event": "lost", "replica": handle.number, "update": self.updates})
-        log.warning("es-serve: %r died (%s); its work goes to the %d others", handle, type(exc).__name__, len(self))
+        why = type(exc).__name__
+        if isinstance(exc, TimeoutError):
+            why = f"no answer within {self.timeout:g} s, engine.ray_timeout_s; treated as dead"
+        log.warning("es-serve: %r lost (%s); its work goes to the %d others", handle, why, len(self))
         if self.replace_dead:
             self.joining.append(self._spawn())
 
@@ -250,15 +256,19 @@ class RayEngine:
     def _broadcast(self, phase: str, method: str, *args) -> dict[_Handle, object]:
         """The same call on every replica; a replica that dies meanwhile is dropped."""
         import ray
-        from ray.exceptions import RayActorError
+        from ray.exceptions import GetTimeoutError, RayActorError
 
         refs = [(h, self._call(phase, h, method, *args)) for h in list(self.replicas)]
+        deadline = time.monotonic() + self.timeout
         out = {}
         for handle, ref in refs:
             try:
-                value = ray.get(ref)
+                value = ray.get(ref, timeout=max(deadline - time.monotonic(), 0.0))
             except RayActorError as exc:
                 self._lost(handle, exc)
+                continue
+            except GetTimeoutError:
+                self._lost(handle, TimeoutError(method))
                 continue
             self._received(phase, value)
             out[handle] = value
@@ -296,7 +306,7 @@ class RayEngine:
         from ray.exceptions import RayActorError
 
         start = time.perf_counter()
-        pending = {}
+        pending, deadlines = {}, {}
 
         def submit(part_items: list[int]) -> None:
             if not self.replicas:
@@ -305,12 +315,23 @@ class RayEngine:
                 )
             parts = split(part_items, len(self.replicas), unit) if reslice else [part_items]
             for handle, part in zip(self.replicas, parts, strict=False):
-                pending[self._call(phase, handle, method, *make_args(part))] = (handle, part)
+                ref = self._call(phase, handle, method, *make_args(part))
+                pending[ref], deadlines[ref] = (handle, part), time.monotonic() + self.timeout
 
         submit(items)
         done = []
         while pending:
-            (ref,), _ = ray.wait(list(pending), num_returns=1)
+            wait = max(min(deadlines[r] for r in pending) - time.monotonic(), 0.0)
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=wait)
+            if not ready:
+                # A replica that hangs is as good as dead: kill it, re-run its part on the others, replace it.
+                now = time.monotonic()
+                for ref in [r for r in pending if deadlines[r] <= now]:
+                    handle, part = pending.pop(ref)
+                    self._lost(handle, TimeoutError(method))
+                    submit(part)
+                continue
+            (ref,) = ready
             handle, part = pending.pop(ref)
             try:
                 value = ray.get(ref)
@@ -495,13 +516,16 @@ class RayEngine:
     # -- weights ------------------------------------------------------------------------------
     def state_dict(self):
         import ray
-        from ray.exceptions import RayActorError
+        from ray.exceptions import GetTimeoutError, RayActorError
 
         for handle in list(self.replicas):
             try:
-                weights = ray.get(handle.actor.state_dict.remote())
+                weights = ray.get(handle.actor.state_dict.remote(), timeout=self.timeout)
             except RayActorError as exc:
                 self._lost(handle, exc)
+                continue
+            except GetTimeoutError:
+                self._lost(handle, TimeoutError("state_dict"))
                 continue
             self._count("net/weights_bytes", self._weight_bytes)
             return weights

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -93,6 +94,7 @@ class Replica:
             path = resolve_model(self.config.model.name)
         self.engine = build_local_engine(self.config, path)
         self._crash_at_step: int | None = None
+        self._hang_at_step: int | None = None
 
     def info(self) -> dict:
         import socket
@@ -109,6 +111,8 @@ class Replica:
     ) -> PopulationResult:
         if self._crash_at_step is not None and gen.step == self._crash_at_step:
             os._exit(1)  # test hook: a replica lost in the middle of a step
+        if self._hang_at_step is not None and gen.step == self._hang_at_step:
+            time.sleep(1e6)  # test hook: a replica that stops answering without dying
         return self.engine.generate_members([(gen, i) for i in members], prompts, sampling)
 
     def generate(self, prompts: list[str], sampling: Sampling, gen: Generation | None, member: int | None):
@@ -150,6 +154,10 @@ class Replica:
     def crash_at_step(self, step: int | None) -> None:
         """Makes the process exit when asked to generate for `step` (fault-injection in tests)."""
         self._crash_at_step = step
+
+    def hang_at_step(self, step: int | None) -> None:
+        """Makes the replica block, alive, when asked to generate for `step` (fault-injection in tests)."""
+        self._hang_at_step = step
 
     def drift(self, fraction: float = 0.01, seed: int = 0) -> str:
         """Moves a random `fraction` of every matrix's entries by one ulp, as another CPU's rounding would."""

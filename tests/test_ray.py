@@ -256,6 +256,29 @@ def test_a_replica_killed_mid_step_changes_nothing_and_a_replacement_catches_up(
     _assert_same(_replica_weights(engine)[-1], single["weights"])
 
 
+def test_a_replica_that_hangs_is_timed_out_treated_as_dead_and_replaced(engine, single, tmp_path):
+    engine.events.clear()
+    replicas = len(engine)  # the module's engine may have gained one in an earlier test
+    ray.get(engine.replicas[1].actor.hang_at_step.remote(2))  # blocks, alive, inside step 2's generation
+    saved, engine.timeout = engine.timeout, 20.0  # far above a tiny dense step, even on a loaded machine
+
+    def wait_for_replacement(report):
+        if report.step == 2:
+            assert len(engine) == replicas - 1 and len(engine.joining) == 1
+            engine.admit_joining(block=True)
+
+    try:
+        trainer, _ = _train(engine, single, tmp_path / "run", on_step=wait_for_replacement)
+    finally:
+        engine.timeout = saved
+    assert [e["event"] for e in engine.events] == ["lost", "join"]
+    assert engine.events[0]["replica"] not in [h.number for h in engine.replicas] and len(engine) == replicas
+    # The hung replica's members were re-run elsewhere: the run is the single engine's, bit for bit.
+    assert trainer.run.replay() == single["replay"]
+    for weights in _replica_weights(engine):
+        _assert_same(weights, single["weights"])
+
+
 @pytest.mark.vllm
 def test_vllm_replicas_match_one_vllm_engine(cluster, tiny_model_dir, tmp_path):
     from es_serve.engines import build_local_engine

@@ -62,6 +62,21 @@ def _parser() -> argparse.ArgumentParser:
         help="engine for completions on a model no job has loaded yet",
     )
     serve.add_argument("--max-tokens", type=int, default=1024, help="cap on generated tokens per completion")
+    serve.add_argument(
+        "--max-queued-jobs", type=int, default=100, help="jobs that may wait for the engine; beyond, 429 (default 100)"
+    )
+    serve.add_argument(
+        "--max-pending-completions",
+        type=int,
+        default=1024,
+        help="completion requests that may wait or run at once; beyond, 429 with Retry-After (default 1024)",
+    )
+    serve.add_argument(
+        "--log-level",
+        default="info",
+        choices=("debug", "info", "warning", "error", "critical"),
+        help="console log level (each job's job.log keeps INFO and above)",
+    )
     return parser
 
 
@@ -129,6 +144,9 @@ def _serve(args) -> int:
         raise FileNotFoundError(f"--data-dir {args.data_dir} is not a directory")
     if args.max_tokens < 1:
         raise ValueError(f"--max-tokens must be at least 1, got {args.max_tokens}")
+    for flag in ("max_queued_jobs", "max_pending_completions"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     settings = ServerSettings(
         host=args.host,
         port=args.port,
@@ -138,6 +156,9 @@ def _serve(args) -> int:
         data_dir=Path(args.data_dir) if args.data_dir else None,
         engine=args.engine,
         max_tokens=args.max_tokens,
+        max_queued_jobs=args.max_queued_jobs,
+        max_pending_completions=args.max_pending_completions,
+        log_level=args.log_level,
     )
     try:
         return serve(settings)

@@ -44,7 +44,8 @@ def call_with_timeout(fn: Callable[[], T], timeout: float | None, what: str = "r
     thread = threading.Thread(target=target, name="es-serve-reward", daemon=True)
     thread.start()
     thread.join(timeout)
-    if thread.is_alive():
+    # Alive: a synchronous reward still running. TimeoutError: the coroutines were cancelled at the deadline.
+    if thread.is_alive() or type(box.get("error")) is TimeoutError:
         raise RewardTimeout(
             f"no result after {timeout:g} s (reward.timeout_s); the step failed before any weight changed, so it "
             "can be rerun: raise reward.timeout_s or make the reward faster",

@@ -4,22 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..run_dir import RunDir
 from ..types import Sampling
-from . import metrics as prometheus
 from .batcher import CompletionBatcher
 from .engine_slot import Busy, EngineSlot
 from .events import job_events
 from .inference import Inference, PromptTooLong, UnknownModel
-from .jobs import JobManager, summary
+from .jobs import JOB_LOG, JobManager, QueueFull, summary
+from .limits import AdmissionGate, Full, too_many
+from .metrics import CONTENT_TYPE, ServerMetrics
 from .openai_api import ChatRequest, CompletionRequest, chat_response, completion_response
 from .security import Guard
 from .settings import ServerSettings
@@ -36,9 +38,12 @@ def error(status: int, message: str, kind: str = "invalid_request_error", detail
 
 def create_app(settings: ServerSettings) -> FastAPI:
     slot = EngineSlot()
-    manager = JobManager(settings, slot)
+    server_metrics = ServerMetrics()
+    manager = JobManager(settings, slot, server_metrics)
     inference = Inference(slot, manager, settings)
     batcher = CompletionBatcher(inference.run_group, settings.batch_window_s, settings.max_batch)
+    server_metrics.attach(manager, batcher.stats)
+    gate = AdmissionGate(settings.max_pending_completions, settings.completion_retry_after_s)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -53,6 +58,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
 
     app = FastAPI(title="es-serve", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.settings, app.state.manager, app.state.slot, app.state.batcher = settings, manager, slot, batcher
+    app.state.metrics, app.state.gate = server_metrics, gate
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError):
@@ -74,8 +80,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics():
-        text = await asyncio.to_thread(prometheus.render, manager, batcher.stats)
-        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+        return Response(await asyncio.to_thread(server_metrics.render), media_type=CONTENT_TYPE)
 
     @app.get("/", response_class=HTMLResponse)
     async def dashboard():
@@ -94,6 +99,9 @@ def create_app(settings: ServerSettings) -> FastAPI:
             return error(422, f"invalid job: {exc}", detail=exc.detail())
         try:
             job = manager.submit(config)
+        except QueueFull as exc:
+            server_metrics.rejected.labels(queue="jobs").inc()
+            return too_many(str(exc), settings.job_retry_after_s)
         except RuntimeError as exc:
             return error(503, str(exc), "unavailable")
         return JSONResponse(manager.get(job["id"]), status_code=201)
@@ -135,6 +143,15 @@ def create_app(settings: ServerSettings) -> FastAPI:
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
 
+    @app.get("/v1/jobs/{job_id}/log", response_class=PlainTextResponse)
+    async def job_log(job_id: str):
+        job, err = _job(job_id)
+        if err:
+            return err
+        path = Path(job["run_dir"]) / JOB_LOG
+        text = await asyncio.to_thread(lambda: path.read_text(errors="replace") if path.is_file() else "")
+        return PlainTextResponse(text)
+
     @app.post("/v1/jobs/{job_id}/cancel")
     async def cancel(job_id: str):
         job, err = _job(job_id)
@@ -173,17 +190,36 @@ def create_app(settings: ServerSettings) -> FastAPI:
             return error(400, str(exc))
         return render(req.model or target, completions, prompt_tokens // max(req.n, 1), max_tokens)
 
+    async def _admitted(run):
+        """A completion handler's body under the queue bound, timed for /metrics."""
+        started = time.perf_counter()
+        try:
+            async with gate.admit():
+                response = await run()
+        except Full as exc:
+            server_metrics.rejected.labels(queue="completions").inc()
+            return too_many(str(exc), settings.completion_retry_after_s)
+        ok = response.status_code < 400 if isinstance(response, Response) else True
+        usage = response.get("usage", {}) if isinstance(response, dict) else {}
+        server_metrics.observe_completion(
+            time.perf_counter() - started,
+            usage.get("completion_tokens", 0),
+            usage.get("prompt_tokens", 0),
+            status="ok" if ok else "error",
+        )
+        return response
+
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest):
         prompts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
         if not prompts:
             return error(422, "prompt: give at least one prompt")
-        return await _complete(req, prompts, completion_response)
+        return await _admitted(lambda: _complete(req, prompts, completion_response))
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest):
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-        return await _complete(req, [messages], chat_response)
+        return await _admitted(lambda: _complete(req, [messages], chat_response))
 
     app.add_middleware(Guard, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes)
     return app

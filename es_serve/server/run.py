@@ -3,11 +3,28 @@
 from __future__ import annotations
 
 import errno
+import logging
 import signal
 import socket
-import sys
 
 from .settings import ServerSettings
+
+log = logging.getLogger("es_serve.server")
+LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+def setup_logging(level: str) -> None:
+    """Console logging at `level` for es-serve and uvicorn; job logs (job.log) keep INFO regardless."""
+    from .jobs import LOG_FORMAT
+
+    console = logging.StreamHandler()
+    console.setFormatter(logging.Formatter(LOG_FORMAT))
+    console.setLevel(level.upper())
+    root = logging.getLogger()
+    root.addHandler(console)
+    # The loggers pass INFO on so that each job's log file gets it; the console handler filters.
+    root.setLevel(min(logging.INFO, logging.getLevelName(level.upper())))
+
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
@@ -31,12 +48,9 @@ def serve(settings: ServerSettings) -> int:
     from .app import create_app
 
     check_port(settings.host, settings.port)
+    setup_logging(settings.log_level)
     if settings.host not in LOOPBACK and not settings.api_key:
-        print(
-            f"es-serve: warning: listening on {settings.host} without --api-key; anyone who can reach it can "
-            "start jobs",
-            file=sys.stderr,
-        )
+        log.warning("listening on %s without --api-key; anyone who can reach it can start jobs", settings.host)
     app = create_app(settings)
     manager = app.state.manager
 
@@ -50,7 +64,8 @@ def serve(settings: ServerSettings) -> int:
         app,
         host=settings.host,
         port=settings.port,
-        log_level="warning",
+        log_level=settings.log_level,
+        log_config=None,  # uvicorn's loggers go through the handler above
         timeout_graceful_shutdown=10,
         lifespan="on",
     )
@@ -59,6 +74,6 @@ def serve(settings: ServerSettings) -> int:
     # that is a no-op, so a clean SIGTERM shutdown exits 0 instead of dying by the signal.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
-    print(f"es-serve: serving on http://{settings.host}:{settings.port} (runs in {settings.runs})", flush=True)
+    log.info("serving on http://%s:%d (runs in %s)", settings.host, settings.port, settings.runs)
     server.run()
     return 0 if server.started else 1

@@ -29,19 +29,24 @@ async def _reply(send, status: int, message: str, kind: str, headers: list | Non
 class Guard:
     def __init__(self, app, api_key: str | None, max_body_bytes: int):
         self.app, self.api_key, self.max_body = app, api_key, max_body_bytes
+        # Compared as bytes: hmac.compare_digest refuses str with non-ASCII characters (a TypeError,
+        # which was a 500), and header values arrive as bytes anyway.
+        self.key_bytes = api_key.encode("utf-8") if api_key else b""
 
     def _authorized(self, scope) -> bool:
         if not self.api_key or scope["path"] in OPEN_PATHS:
             return True
         for name, value in scope.get("headers", []):
             if name == b"authorization":
-                scheme, _, token = value.decode("latin-1").partition(" ")
-                return scheme.lower() == "bearer" and hmac.compare_digest(token.strip(), self.api_key)
+                # Anything but "Bearer <token>" is refused like a wrong key: no header shape reaches a 500.
+                scheme, _, token = bytes(value).strip().partition(b" ")
+                return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key_bytes)
         if scope["path"] == "/" and scope["method"] == "GET":
             # A browser cannot add a header when opening the dashboard, so the page alone also takes
             # ?key=; the page then sends it as a Bearer header on each of its API calls.
-            key = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("key", [""])[0]
-            return hmac.compare_digest(key, self.api_key)
+            query = bytes(scope.get("query_string", b"")).decode("latin-1")
+            key = parse_qs(query, encoding="utf-8", errors="surrogateescape").get("key", [""])[0]
+            return hmac.compare_digest(key.encode("utf-8", "surrogateescape"), self.key_bytes)
         return False
 
     async def __call__(self, scope, receive, send):

@@ -26,6 +26,12 @@ class ServerSettings:
     # How long the completion collector waits for more requests before one batched generate call.
     batch_window_s: float = 0.005
     max_batch: int = 512
+    # Bounded queues: beyond these, requests get 429 with Retry-After instead of waiting without end.
+    max_queued_jobs: int = 100
+    max_pending_completions: int = 1024  # completion requests waiting or being answered
+    job_retry_after_s: int = 60
+    completion_retry_after_s: int = 1
+    log_level: str = "info"
 
     def __post_init__(self) -> None:
         self.runs = Path(self.runs)

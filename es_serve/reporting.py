@@ -79,14 +79,17 @@ class _WandB:
     def __init__(self, run_dir: Path, name: str, config: dict):
         import wandb
 
-        mode = os.environ.get("WANDB_MODE") or ("online" if _wandb_reachable() else "offline")
-        if mode == "offline" and not os.environ.get("WANDB_MODE"):
-            log.warning(
-                "wandb: no API key or no route to the wandb server, logging offline into %s; upload later "
-                "with `wandb sync %s/wandb/offline-run-*`",
-                run_dir / "wandb",
-                run_dir,
-            )
+        mode = os.environ.get("WANDB_MODE")
+        if not mode:
+            why = _wandb_offline_reason()
+            mode = "offline" if why else "online"
+            if why:
+                log.warning(
+                    "wandb: %s, so logging offline into %s; upload later with `wandb sync %s/wandb/offline-run-*`",
+                    why,
+                    run_dir / "wandb",
+                    run_dir,
+                )
         # A stable id from the run directory, so `--resume` continues the same wandb run.
         run_id = hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:16]
         self.run = wandb.init(
@@ -109,21 +112,20 @@ class _WandB:
 _CLASSES = {"trackio": _Trackio, "tensorboard": _TensorBoard, "wandb": _WandB}
 
 
-def _wandb_reachable(timeout: float = 3.0) -> bool:
-    """An API key and a TCP route to the wandb server; without either, an online run would hang or fail."""
+def _wandb_offline_reason(timeout: float = 3.0) -> str | None:
+    """Why an online wandb run cannot work here (it would hang or fail), or None when it can."""
+    url = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
     if not os.environ.get("WANDB_API_KEY"):
         try:
-            host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
-            if not (netrc.netrc().authenticators(host or "")):
-                return False
+            if not netrc.netrc().authenticators(url.hostname or ""):
+                return "no API key (WANDB_API_KEY or `wandb login`)"
         except (OSError, netrc.NetrcParseError):
-            return False
-    url = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
+            return "no API key (WANDB_API_KEY or `wandb login`)"
     try:
         socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
-    except OSError:
-        return False
-    return True
+    except OSError as exc:
+        return f"the wandb server is unreachable ({exc})"
+    return None
 
 
 def _toml(config: dict) -> str:

@@ -88,30 +88,6 @@ def _expected(metrics):
     return want
 
 
-def test_tensorboard_and_trackio_receive_every_metrics_line(tiny_model_dir, tmp_path, monkeypatch):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    from trackio.sqlite_storage import SQLiteStorage
-
-    monkeypatch.setenv("TRACKIO_PROJECT", f"es-serve-test-{tmp_path.name}")
-    run = tmp_path / "run"
-    metrics = _train(tiny_model_dir, run, "train.report_to=['tensorboard','trackio']")
-    assert [m["step"] for m in metrics] == [0, 1, 2]
-    assert metrics[1]["completions/max_length"] <= 5
-    want = _expected(metrics)
-    assert ("train/reward", 2) in want and ("eval/reward", 0) in want and ("train/rewards/count/mean", 1) in want
-
-    acc = EventAccumulator(str(run / "runs"))
-    acc.Reload()
-    got = {(tag, e.step): e.value for tag in acc.Tags()["scalars"] for e in acc.Scalars(tag)}
-    assert got.keys() == want.keys()
-    for key, value in want.items():
-        assert got[key] == pytest.approx(value, rel=1e-6), key  # TensorBoard stores float32
-
-    logs = SQLiteStorage.get_logs(f"es-serve-test-{tmp_path.name}", "run")
-    got = {(k, row["step"]): v for row in logs for k, v in row.items() if k in {n for n, _ in want}}
-    assert got == want
-
-
 def _wandb_history(path):
     """The history rows of a .wandb file: LevelDB log blocks of wandb's protobuf Records, read here directly."""
     import struct
@@ -140,16 +116,39 @@ def _wandb_history(path):
     return rows
 
 
-def test_wandb_without_a_key_logs_offline_and_says_so(tiny_model_dir, tmp_path, monkeypatch, caplog):
+def test_every_tracker_receives_every_metrics_line_and_wandb_goes_offline_without_a_key(
+    tiny_model_dir, tmp_path, monkeypatch, caplog
+):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from trackio.sqlite_storage import SQLiteStorage
+
+    project = f"es-serve-test-{tmp_path.name}"
+    monkeypatch.setenv("TRACKIO_PROJECT", project)
     for name in ("WANDB_API_KEY", "WANDB_MODE"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
     monkeypatch.setenv("WANDB_SILENT", "true")
     run = tmp_path / "run"
     with caplog.at_level(logging.WARNING, logger="es_serve.reporting"):
-        metrics = _train(tiny_model_dir, run, "train.report_to=wandb", "train.steps=1")
+        metrics = _train(tiny_model_dir, run, "train.report_to=all")
+    assert [m["step"] for m in metrics] == [0, 1, 2]
+    assert metrics[1]["completions/max_length"] <= 5
+    want = _expected(metrics)
+    assert ("train/reward", 2) in want and ("eval/reward", 0) in want and ("train/rewards/count/mean", 1) in want
+
+    acc = EventAccumulator(str(run / "runs"))
+    acc.Reload()
+    got = {(tag, e.step): e.value for tag in acc.Tags()["scalars"] for e in acc.Scalars(tag)}
+    assert got.keys() == want.keys()
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value, rel=1e-6), key  # TensorBoard stores float32
+
+    logs = SQLiteStorage.get_logs(project, "run")
+    got = {(k, row["step"]): v for row in logs for k, v in row.items() if k in {n for n, _ in want}}
+    assert got == want
+
     offline = [r for r in caplog.records if "offline" in r.getMessage()]
     assert len(offline) == 1, caplog.text
     (path,) = run.glob("wandb/offline-run-*/run-*.wandb")
     got = {(k, row["_step"]): v for row in _wandb_history(path) for k, v in row.items() if not k.startswith("_")}
-    assert got == pytest.approx(_expected(metrics))
+    assert got == pytest.approx(want)

@@ -181,6 +181,7 @@ def test_serve_command_errors_are_one_clear_line(tmp_path):
         for args, expected in [
             (["--port", str(port)], f"port {port} on 127.0.0.1 is already in use"),
             (["--rewards-dir", str(tmp_path / "nope")], "is not a directory"),
+            (["--max-pending-completions", "0"], "--max-pending-completions must be at least 1, got 0"),
         ]:
             done = subprocess.run(
                 [sys.executable, "-m", "launch.cli", "serve", "--runs", str(tmp_path / "runs"), *args],

@@ -235,7 +235,14 @@ def _train(args) -> int:
         plot_metrics(trainer.run.metrics(), trainer.run.plot_path, f"{config.model.name} on {config.task.name}")
         bar.update(report.step, rec)
 
-    trainer.train(resume=bool(args.resume), on_step=on_step)
+    from rewards.errors import RewardError
+
+    try:
+        trainer.train(resume=bool(args.resume), on_step=on_step)
+    except RewardError as exc:
+        # Raised before the failing step changed any weight: every committed step is on disk.
+        bar.close()
+        return _fail(f"{exc}; the run is intact at step {trainer.step}: continue with --resume {out}", code=1)
     bar.close()
     gain = eval_gain(trainer.run.metrics())
     if gain:

@@ -175,3 +175,16 @@ print(json.dumps({"text": text, "engine": last["eval_sample"]}))
     assert result.returncode == 0, result.stderr[-2000:]
     seen = json.loads(result.stdout.strip().splitlines()[-1])
     assert seen["text"] == seen["engine"]
+
+
+def test_a_reward_past_its_timeout_ends_train_with_one_line_and_the_resume_command(env, tmp_path):
+    hang = tmp_path / "hang.py"
+    hang.write_text("import time\n\ndef hang(prompts, completions, **columns):\n    time.sleep(600)\n")
+    sets = [s for s in TINY if not s.startswith("train.steps")] + ["train.steps=2", "engine.kind=dense"]
+    sets += [f"reward.fn={hang}:hang", "reward.timeout_s=1"]
+    run = tmp_path / "run"
+    result = es_serve("train", *_sets(sets), "--out", str(run), "--quiet", env=env, timeout=300)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert "reward 'hang' failed" in last and "reward.timeout_s" in last and f"--resume {run}" in last

@@ -128,6 +128,8 @@ def test_every_tracker_receives_every_metrics_line_and_wandb_goes_offline_withou
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
     monkeypatch.setenv("WANDB_SILENT", "true")
+    for name in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):  # nothing written to the home directory
+        monkeypatch.setenv(name, str(tmp_path / name.lower()))
     run = tmp_path / "run"
     with caplog.at_level(logging.WARNING, logger="es_serve.reporting"):
         metrics = _train(tiny_model_dir, run, "train.report_to=all")

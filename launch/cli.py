@@ -177,13 +177,17 @@ def _load(args):
             raise ConfigError(f"--resume {args.resume}: no run there (config.toml is missing)")
         saved = load_config(run.config_path)
         config = load_config(run.config_path, args.overrides)
+        # reward.timeout_s does not change what a step computes, so a resume may raise it.
         changed = [
-            k for k in ("model", "es", "task", "reward", "generation") if getattr(saved, k) != getattr(config, k)
+            k
+            for k in ("model", "es", "task", "reward", "generation")
+            if getattr(saved, k).model_dump(exclude={"timeout_s"})
+            != getattr(config, k).model_dump(exclude={"timeout_s"})
         ]
         if changed:
             raise ConfigError(
                 f"--resume cannot change [{', '.join(changed)}]: the replay log depends on them; "
-                "only train.* and engine.* may change when resuming"
+                "only train.*, engine.* and reward.timeout_s may change when resuming"
             )
         return config, run.path
     config = load_config(args.config, args.overrides)

@@ -188,3 +188,6 @@ def test_a_reward_past_its_timeout_ends_train_with_one_line_and_the_resume_comma
     assert "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert "reward 'hang' failed" in last and "reward.timeout_s" in last and f"--resume {run}" in last
+    # The command it names works, with a larger timeout (the reward itself may not change on resume).
+    again = es_serve("train", "--resume", str(run), "--set", "reward.timeout_s=2", "--quiet", env=env, timeout=300)
+    assert again.returncode == 1 and "no result after 2 s" in again.stderr.strip().splitlines()[-1], again.stderr

@@ -332,6 +332,8 @@ def main(argv: list[str] | None = None) -> int:
         "threads": threads,
         "cpus": cpus,
         "grpo_dtype": grpo_dtype,
+        "grpo_dtype_rule": f"--grpo-dtype {args.grpo_dtype}: bfloat16 autocast where the CPU has native bf16 "
+        "instructions (as model.dtype=auto), else float32",
         "grpo_set": checked["grpo_set"],
         # es-serve's training prompts, in order, for more GRPO steps than the budget can hold.
         "pool_prompts": max(512, int(seconds * 8)),
@@ -340,7 +342,8 @@ def main(argv: list[str] | None = None) -> int:
     specs += [{**base, "method": "grpo", "name": f"grpo-lr{lr:g}", "lr": lr} for lr in args.grpo_lrs]
     runs = []
     with tempfile.TemporaryDirectory(prefix="es-serve-compare-") as tmp:
-        work = Path(args.work) if args.work else Path(tmp)
+        # A fresh directory each time: es-serve refuses to train into a run directory that holds a run.
+        work = Path(args.work) / time.strftime("%Y%m%d-%H%M%S") if args.work else Path(tmp)
         for spec in specs:
             spec["work"] = str(work / spec["name"])
             Path(spec["work"]).mkdir(parents=True, exist_ok=True)
@@ -374,6 +377,8 @@ def main(argv: list[str] | None = None) -> int:
         "cpus": cpus,
         "machine": f"{host['cpu_model']}, {host['arch']}, {host['cores']} cores",
         "grpo_dtype": grpo_dtype,
+        "grpo_dtype_rule": f"--grpo-dtype {args.grpo_dtype}: bfloat16 autocast where the CPU has native bf16 "
+        "instructions (as model.dtype=auto), else float32",
         "grpo_generation": GENERATION_NOTE,
         "evaluator": EVALUATOR_NOTE,
         "stop_rule": "a run stops at the first step boundary at or past the budget; evaluation pauses the clock",

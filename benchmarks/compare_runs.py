@@ -133,7 +133,7 @@ def run_es(spec: dict) -> dict:
         "method": "es-serve",
         "label": "es-serve",
         "lr": es.lr,
-        "dtype": resolve_dtype(config.model.dtype),
+        "dtype": f"{resolve_dtype(config.model.dtype)}, float32 master weights",
         "engine": config.engine.kind,
         "threads": threads,
         "settings": {
@@ -325,6 +325,7 @@ def run_grpo(spec: dict) -> dict:
         "label": f"GRPO lr={spec['lr']:g}",
         "lr": spec["lr"],
         "dtype": "bfloat16 autocast, float32 weights" if args.bf16 else "float32",
+        "weights_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "engine": "transformers generate()",
         "threads": torch.get_num_threads(),
         "settings": {

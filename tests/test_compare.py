@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from es_serve.sizing import resolve_dtype
+
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 EVAL_PROMPTS, MAX_TOKENS, POPULATION, PROMPTS_PER_STEP = 12, 6, 4, 2
@@ -138,6 +140,10 @@ def test_counts_budget_and_evaluation_schedule(compared):
     assert grpo["settings"]["beta"] == 0.0 and grpo["settings"]["num_generations"] == 8
     assert grpo["settings"]["max_completion_length"] == MAX_TOKENS and grpo["settings"]["use_vllm"] is False
     assert "vLLM colocate" in data["meta"]["grpo_generation"]
+    # bfloat16 autocast only where the CPU computes bf16 natively; the trained weights stay float32 either way.
+    native_bf16 = resolve_dtype("auto") == "bfloat16"
+    assert grpo["dtype"] == ("bfloat16 autocast, float32 weights" if native_bf16 else "float32")
+    assert grpo["weights_dtype"] == "float32"
 
 
 def test_gains_table_and_plot_match_the_runs(compared):

@@ -101,7 +101,6 @@ def check(args) -> dict:
             not 1 <= args.threads <= sum(len(c) for c in available),
             f"--threads must be between 1 and the {sum(len(c) for c in available)} CPUs available, got {args.threads}",
         )
-    GRPOConfig = _grpo_config_class()
     from es_serve.config import ConfigError, load_config, parse_override
     from es_serve.models import resolve_model
     from rewards import load_reward, task_from_config
@@ -113,7 +112,7 @@ def check(args) -> dict:
     load_reward(config.reward.fn or task.default_reward, weights=config.reward.weights)
     task.eval_rows(config.task.eval_prompts)  # more eval prompts than the task holds out fails here
     grpo_set = {}
-    fields = {f.name for f in dataclasses.fields(GRPOConfig)}
+    fields = {f.name for f in dataclasses.fields(_grpo_config_class())}
     for item in args.grpo_set:
         keys, value = parse_override(item)
         key = ".".join(keys)
@@ -228,6 +227,10 @@ def report(runs: list[dict], meta: dict) -> dict:
     }
 
 
+def _threads(n: int) -> str:
+    return f"{n} thread" if n == 1 else f"{n} threads"
+
+
 def _num(x, fmt="{:.3f}") -> str:
     return "-" if x is None else fmt.format(x)
 
@@ -237,7 +240,7 @@ def table(data: dict) -> str:
     lines = [
         f"`{meta['command']}`",
         "",
-        f"{meta['machine']}; {meta['threads']} threads on CPUs {meta['cpus']}; model {meta['model']}; task "
+        f"{meta['machine']}; {_threads(meta['threads'])} on CPUs {meta['cpus']}; model {meta['model']}; task "
         f"{meta['task']} ({meta['eval_prompts']} held-out prompts); budget {meta['minutes']:g} min of training "
         f"per run; eval every {meta['eval_every_minutes']:g} min (not counted).",
         "",
@@ -285,6 +288,7 @@ def plot(data: dict, path: Path) -> None:
         err = [0.0 if e["stderr"] is None else e["stderr"] for e in run["evals"]]
         es = run["method"] == "es-serve"
         best = run["label"] == data["best_grpo"]
+        sweep = sum(r["method"] == "grpo" for r in data["runs"]) > 1
         ax.errorbar(
             xs,
             ys,
@@ -293,12 +297,12 @@ def plot(data: dict, path: Path) -> None:
             capsize=3,
             lw=2.2 if es or best else 1.0,
             alpha=1.0 if es or best else 0.6,
-            label=run["label"] + (" (best GRPO)" if best and not es else ""),
+            label=run["label"] + (" (best GRPO)" if best and sweep else ""),
         )
     meta = data["meta"]
     ax.set_xlabel("training wall-clock minutes (evaluation excluded)")
     ax.set_ylabel(f"held-out reward ({meta['eval_prompts']} prompts, ±1 s.e.)")
-    ax.set_title(f"{meta['model']} on {meta['task']}, {meta['threads']} CPU threads", fontsize=10)
+    ax.set_title(f"{meta['model']} on {meta['task']}, {_threads(meta['threads'])} per run", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -35,6 +35,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("bench_args", nargs=argparse.REMAINDER)
 
+    compare = sub.add_parser(
+        "compare", add_help=False, help="es-serve against TRL's GRPOTrainer on the same job and budget (see --help)"
+    )
+    compare.add_argument("compare_args", nargs=argparse.REMAINDER)
+
     export = sub.add_parser(
         "export", help="write a run's trained model as a Hugging Face directory (sharded safetensors, model card)"
     )
@@ -82,9 +87,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["bench"]:
-        # Its options belong to benchmarks/throughput.py; argparse would claim them for this parser.
-        argv = ["bench", "--", *argv[1:]]
+    if argv[:1] in (["bench"], ["compare"]):
+        # Their options belong to benchmarks/throughput.py and benchmarks/compare.py; argparse would claim
+        # them for this parser.
+        argv = [argv[0], "--", *argv[1:]]
     args = _parser().parse_args(argv)
     if not getattr(args, "push_to_hub", None):  # a push is an explicit request for the network
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -98,6 +104,11 @@ def main(argv: list[str] | None = None) -> int:
 
             rest = args.bench_args
             return bench(rest[1:] if rest[:1] == ["--"] else rest)
+        if args.command == "compare":
+            from benchmarks.compare import main as compare
+
+            rest = args.compare_args
+            return compare(rest[1:] if rest[:1] == ["--"] else rest)
         if args.command == "export":
             return _export(args)
         if args.command == "serve":

@@ -65,7 +65,20 @@ class Inference:
         ids = [m["id"] for m in self.models()]
         return f"{why}; known: {', '.join(ids)} (GET /v1/models lists them)"
 
-    def _prepare(self, target: str):
+    def engine_for(self, target: str):
+        """The engine holding `target`'s weights, loading them if the engine is free (Busy if it is not).
+
+        The common case, weights already in place, skips the lock: the engine is checked again under
+        the lock when the request runs.
+        """
+        slot = self.slot
+        if slot.engine is not None:
+            if slot.holder == target or (self.manager.get(target) is None and slot.model == target):
+                return slot.engine
+        with slot.lock:
+            return self.prepare(target)
+
+    def prepare(self, target: str):
         """The engine holding `target`'s weights; the caller holds the slot's lock."""
         slot, running = self.slot, self.manager.current
         job = self.manager.get(target)
@@ -96,7 +109,7 @@ class Inference:
     def run_group(self, target: str, sampling: Sampling, prompts: list) -> tuple[list, list[int]]:
         """Completions (or a PromptTooLong in a bad prompt's place) and prompt token counts."""
         with self.slot.lock:
-            engine = self._prepare(target)
+            engine = self.prepare(target)
             limit = self.slot.config.model.max_model_len
             texts, counts, results = [], [], [None] * len(prompts)
             for i, prompt in enumerate(prompts):

@@ -8,6 +8,7 @@ import asyncio
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 
 import httpx
@@ -19,12 +20,30 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 PLUGIN = "def distinct_chars(prompts, completions, **columns):\n    return [float(len(set(c))) for c in completions]\n"
 PROMPTS = ["What is 2 + 3? The answer is", "one two three", "the sum of four and five"]
 DATA = Path(__file__).with_name("data")
+BOS = 1  # <|im_start|>, the tiny tokenizer's BOS token
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def server(module_servers, tmp_path_factory, tiny_model_dir):
+def model_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny model with a tokenizer that adds a BOS token, so prompts tokenized the wrong way show."""
+    path = tmp_path_factory.mktemp("bos-model") / "model"
+    shutil.copytree(tiny_model_dir, path)
+    spec = json.loads((path / "tokenizer.json").read_text())
+    bos = {"SpecialToken": {"id": "<|im_start|>", "type_id": 0}}
+    spec["post_processor"] = {
+        "type": "TemplateProcessing",
+        "single": [bos, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [bos, {"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {"<|im_start|>": {"id": "<|im_start|>", "ids": [BOS], "tokens": ["<|im_start|>"]}},
+    }
+    (path / "tokenizer.json").write_text(json.dumps(spec))
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(module_servers, tmp_path_factory, model_dir):
     """The server and the id of a finished zero-step job on the tiny model: its weights are the model's."""
     root = tmp_path_factory.mktemp("openai-server")
     (root / "rewards").mkdir()
@@ -32,7 +51,7 @@ def server(module_servers, tmp_path_factory, tiny_model_dir):
     env = dict(os.environ, ES_SERVE_CACHE=str(root / "cache"), VLLM_LOGGING_LEVEL="ERROR")
     proc = module_servers.start(root / "runs", "--api-key", KEY, "--rewards-dir", str(root / "rewards"), env=env)
     config = {
-        "model": {"name": str(tiny_model_dir)},
+        "model": {"name": str(model_dir)},
         "es": {"population": 2},
         "task": {"prompts_per_step": 1, "eval_prompts": 1},
         "reward": {"fn": "mine.py:distinct_chars"},
@@ -56,7 +75,7 @@ def client(server):
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_model_dir):
+def reference(model_dir):
     """vLLM's offline engine on the same weights and dtype as the server's engine: the independent reference."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from vllm import LLM
@@ -64,7 +83,7 @@ def reference(tiny_model_dir):
     from es_serve.sizing import resolve_dtype
 
     llm = LLM(
-        model=str(tiny_model_dir),
+        model=str(model_dir),
         dtype=resolve_dtype("auto"),
         max_model_len=512,
         enforce_eager=True,
@@ -158,6 +177,7 @@ def test_echo_gives_the_prompt_logprobs_lm_eval_reads(client, server, reference)
     assert done.choices[0].text == prompt + want.outputs[0].text
     # The prompt's tokens as vLLM's server tokenizes them (with the BOS token if the tokenizer adds one).
     n = len(want.prompt_token_ids)
+    assert want.prompt_token_ids[0] == BOS and done.usage.prompt_tokens == n
     assert len(lp.token_logprobs) == n + 1 and lp.token_logprobs[0] is None
     for got, tid, ref_lp in zip(
         lp.token_logprobs[1:n], want.prompt_token_ids[1:], want.prompt_logprobs[1:], strict=True
@@ -174,6 +194,22 @@ def test_sampling_parameters_match_plain_vllm(client, server, reference):
     assert [c.text for c in done.choices] == [o.text for o in want.outputs]
     assert len({c.text for c in done.choices}) > 1, "three seeded samples came out identical"
 
+    # response_format: vLLM's structured outputs constrain the random model to the schema.
+    from vllm.sampling_params import StructuredOutputsParams
+
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    want = ref(
+        reference, PROMPTS[:1], max_tokens=12, temperature=0, structured_outputs=StructuredOutputsParams(json=schema)
+    )
+    done = client.completions.create(
+        model=server.job,
+        prompt=PROMPTS[0],
+        max_tokens=12,
+        temperature=0,
+        extra_body={"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": schema}}},
+    )
+    assert done.choices[0].text == want[0].outputs[0].text
+
     # logit_bias: a +100 bias on one token makes it the greedy choice at every position.
     token = reference.get_tokenizer().encode(" seven", add_special_tokens=False)[0]
     done = client.completions.create(
@@ -189,6 +225,7 @@ def test_sampling_parameters_match_plain_vllm(client, server, reference):
         ({"max_tokens": "a"}, "max_tokens", "unable to parse string as an integer"),
         ({"stream_options": {"include_usage": True}}, "stream_options", "only be defined when `stream=True`"),
         ({"logprobs": 50}, "logprobs", "logprobs"),
+        ({"best_of": 2}, "best_of", "unknown parameter(s): best_of"),  # vLLM 0.32's completions have no best_of
     ],
 )
 def test_a_parameter_vllm_rejects_gets_its_error_shape(server, change, param, text):
@@ -203,14 +240,14 @@ def test_a_parameter_vllm_rejects_gets_its_error_shape(server, change, param, te
     assert error.param.split(".")[-1] == param and text in error.message, error
 
 
-def test_lm_eval_runs_generate_until_and_loglikelihood_tasks(server, tiny_model_dir, reference, monkeypatch):
+def test_lm_eval_runs_generate_until_and_loglikelihood_tasks(server, model_dir, reference, monkeypatch):
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
     tasks = TaskManager(include_path=str(DATA / "lm_eval"), include_defaults=False)
     args = (
         f"model={server.job},base_url={server.url}/v1/completions,tokenizer_backend=huggingface,"
-        f"tokenizer={tiny_model_dir},num_concurrent=4,max_retries=1"
+        f"tokenizer={model_dir},num_concurrent=4,max_retries=1"
     )
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
     monkeypatch.chdir(DATA.parents[1])  # the task files name their data relative to the repository root

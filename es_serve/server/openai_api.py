@@ -110,6 +110,13 @@ class OpenAIRoutes:
             req = model_cls.model_validate(body)
         except ValidationError as exc:
             return await _validation_error(exc)
+        if req.model_extra:
+            # vLLM's server would log these and go on; answering without them would silently change the request.
+            names = ", ".join(sorted(req.model_extra))
+            return vllm_error(
+                f"unknown parameter(s): {names}; vLLM's OpenAI API has no such field here, so it would be ignored",
+                param=sorted(req.model_extra)[0],
+            )
         bounds = self._bounds(req, chat)
         if bounds is not None:
             return bounds
@@ -189,6 +196,11 @@ class OpenAIRoutes:
             from vllm.entrypoints.openai.completion.serving import OpenAIServingCompletion
 
             serving = OpenAIServingCompletion(client, models, online_renderer=renderer, request_logger=None)
+        # A request that leaves its length open gets the operator's bound, not the rest of the context.
+        default = serving.default_sampling_params.get("max_tokens")
+        serving.default_sampling_params["max_tokens"] = min(
+            default or self.settings.max_tokens, self.settings.max_tokens
+        )
         if len(self._serving) >= 64:
             self._serving.pop(next(iter(self._serving)))
         self._serving[key] = (engine, serving)

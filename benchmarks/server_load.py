@@ -105,8 +105,9 @@ def start_server(root: Path, key: str):
             time.sleep(0.3)
     config = {
         "model": {"name": str(model_dir)},
-        "es": {"population": 2},
-        "task": {"prompts_per_step": 1, "eval_prompts": 1},
+        # The engine's batch is one step's N x P = 64 requests (what the server e2e test uses too).
+        "es": {"population": 16},
+        "task": {"prompts_per_step": 4, "eval_prompts": 1},
         "reward": {"fn": "mine.py:distinct_chars"},
         "generation": {"max_tokens": 8},
         "train": {"steps": 0},

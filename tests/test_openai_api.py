@@ -52,8 +52,9 @@ def server(module_servers, tmp_path_factory, model_dir):
     proc = module_servers.start(root / "runs", "--api-key", KEY, "--rewards-dir", str(root / "rewards"), env=env)
     config = {
         "model": {"name": str(model_dir)},
-        "es": {"population": 2},
-        "task": {"prompts_per_step": 1, "eval_prompts": 1},
+        # The engine runs at most one step's N x P = 16 sequences at once: the load test queues past that.
+        "es": {"population": 8},
+        "task": {"prompts_per_step": 2, "eval_prompts": 1},
         "reward": {"fn": "mine.py:distinct_chars"},
         "generation": {"max_tokens": 8},
         "train": {"steps": 0},

@@ -5,7 +5,8 @@ the figures are the serving path's, not a big model's), and stops it afterwards.
 a server already running, for example an older build (--no-stream there if it cannot stream).
 
     python -m benchmarks.server_load --json benchmarks/results/server_load.json
-    python -m benchmarks.server_load --url http://127.0.0.1:8000 --key KEY --model JOB_ID --no-stream
+    python -m benchmarks.server_load --code ../es-serve-old --no-stream --label before
+    python -m benchmarks.server_load --url http://127.0.0.1:8000 --key KEY --model JOB_ID
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ async def load(url: str, key: str, model: str, requests: int, max_tokens: int, s
     return out
 
 
-def start_server(root: Path, key: str):
+def start_server(root: Path, key: str, code: Path):
     """`es-serve serve` on a free loopback port with a finished zero-step job on a tiny model; (proc, url, job)."""
     import socket
 
@@ -89,9 +90,9 @@ def start_server(root: Path, key: str):
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "launch.cli", "serve", "--port", str(port), "--runs", str(root / "runs")]
     cmd += ["--api-key", key, "--rewards-dir", str(root / "rewards")]
-    env = dict(os.environ, ES_SERVE_CACHE=str(root / "cache"), VLLM_LOGGING_LEVEL="ERROR")
+    env = dict(os.environ, ES_SERVE_CACHE=str(root / "cache"), VLLM_LOGGING_LEVEL="ERROR", PYTHONPATH=str(code))
     log = open(root / "server.log", "w")
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).parents[1])
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=code)
     url, auth = f"http://127.0.0.1:{port}", {"Authorization": f"Bearer {key}"}
     deadline = time.time() + 180
     while True:
@@ -125,6 +126,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--url", help="a running server (default: start one on loopback with a tiny model)")
     p.add_argument("--key", default="bench-key", help="its API key")
     p.add_argument("--model", help="the job id or model name to ask (required with --url)")
+    p.add_argument(
+        "--code",
+        type=Path,
+        default=Path(__file__).resolve().parents[1],
+        help="the es-serve checkout whose server is started (default: this one; an older checkout gives 'before')",
+    )
     p.add_argument("--requests", type=int, default=200)
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--no-stream", action="store_true", help="every request non-streaming (servers that cannot stream)")
@@ -144,13 +151,13 @@ def main(argv: list[str] | None = None) -> int:
             if args.url:
                 url, model = args.url.rstrip("/"), args.model
             else:
-                proc, url, model = start_server(Path(tmp), args.key)
+                proc, url, model = start_server(Path(tmp), args.key, args.code.resolve())
             result = asyncio.run(load(url, args.key, model, args.requests, args.max_tokens, not args.no_stream))
         finally:
             if proc is not None:
                 proc.terminate()
                 proc.wait(timeout=120)
-    result.update(label=args.label, url=args.url or "started here (tiny random model, zero-step job)")
+    result.update(label=args.label, url=args.url or f"started from {args.code} (tiny random model, zero-step job)")
     result.update(threads=os.environ.get("OMP_NUM_THREADS"), machine=machine())
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -68,15 +68,24 @@ class Inference:
     def engine_for(self, target: str):
         """The engine holding `target`'s weights, loading them if the engine is free (Busy if it is not).
 
-        The common case, weights already in place, skips the lock: the engine is checked again under
-        the lock when the request runs.
+        The common case, weights already in place, skips the lock (see loaded_engine): the engine is
+        checked again under the lock when the request runs.
         """
-        slot = self.slot
-        if slot.engine is not None:
-            if slot.holder == target or (self.manager.get(target) is None and slot.model == target):
-                return slot.engine
-        with slot.lock:
+        engine = self.loaded_engine(target)
+        if engine is not None:
+            return engine
+        with self.slot.lock:
             return self.prepare(target)
+
+    def loaded_engine(self, target: str):
+        """The engine if it already holds `target`'s weights, else None; never waits for the lock."""
+        slot = self.slot
+        engine = slot.engine
+        if engine is not None and (
+            slot.holder == target or (self.manager.get(target) is None and slot.model == target)
+        ):
+            return engine
+        return None
 
     def prepare(self, target: str):
         """The engine holding `target`'s weights; the caller holds the slot's lock."""

@@ -12,6 +12,7 @@ The dense engine (engine.kind = dense) answers a documented subset through the c
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -124,10 +125,12 @@ class OpenAIRoutes:
             target = self.inference.resolve(req.model)
         except UnknownModel as exc:
             return error(404, str(exc), "not_found_error")
-        try:
-            engine = await _in_thread(self.inference.engine_for, target)
-        except Busy as exc:
-            return error(409, str(exc), "conflict")
+        engine = self.inference.loaded_engine(target)
+        if engine is None:  # a weight swap or an engine build: under the lock, off the event loop
+            try:
+                engine = await asyncio.to_thread(self.inference.engine_for, target)
+            except Busy as exc:
+                return error(409, str(exc), "conflict")
         if not hasattr(engine, "llm"):
             return await self._dense(req, target, chat)
         serving = self._serving_for(engine, target, req.model or target, chat)
@@ -234,12 +237,6 @@ class OpenAIRoutes:
             return vllm_error(str(exc))
         render = chat_response if chat else completion_response
         return JSONResponse(render(req.model or target, completions, prompt_tokens // n, max_tokens))
-
-
-async def _in_thread(fn, *args):
-    import asyncio
-
-    return await asyncio.to_thread(fn, *args)
 
 
 def _prompts(req, chat: bool) -> list:

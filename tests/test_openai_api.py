@@ -18,6 +18,8 @@ import pytest
 KEY = "openai-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 PLUGIN = "def distinct_chars(prompts, completions, **columns):\n    return [float(len(set(c))) for c in completions]\n"
+# A reward slow enough that a job stays in training while the test asks for completions.
+SLOW = "import time\ndef slow(prompts, completions, **columns):\n    time.sleep(1.0)\n    return [float(len(c)) for c in completions]\n"
 PROMPTS = ["What is 2 + 3? The answer is", "one two three", "the sum of four and five"]
 DATA = Path(__file__).with_name("data")
 BOS = 1  # <|im_start|>, the tiny tokenizer's BOS token
@@ -48,6 +50,7 @@ def server(module_servers, tmp_path_factory, model_dir):
     root = tmp_path_factory.mktemp("openai-server")
     (root / "rewards").mkdir()
     (root / "rewards" / "mine.py").write_text(PLUGIN)
+    (root / "rewards" / "slow.py").write_text(SLOW)
     env = dict(os.environ, ES_SERVE_CACHE=str(root / "cache"), VLLM_LOGGING_LEVEL="ERROR")
     proc = module_servers.start(root / "runs", "--api-key", KEY, "--rewards-dir", str(root / "rewards"), env=env)
     config = {
@@ -66,7 +69,7 @@ def server(module_servers, tmp_path_factory, model_dir):
     assert ends, "the job's event stream ended without an end event"
     final = httpx.get(f"{proc.url}/v1/jobs/{job['id']}", headers=AUTH).json()
     assert final["status"] == "succeeded", final
-    proc.job = job["id"]
+    proc.job, proc.config = job["id"], config
     return proc
 
 
@@ -122,10 +125,19 @@ def test_completions_greedy_text_and_logprobs_match_plain_vllm(client, server, r
     assert done.usage.completion_tokens == sum(len(w.outputs[0].token_ids) for w in expected)
 
     # Streaming: the same text, in more than one chunk (tokens arrive as the engine makes them).
-    stream = client.completions.create(model=server.job, prompt=PROMPTS[0], max_tokens=8, temperature=0, stream=True)
-    chunks = [c.choices[0].text for c in stream if c.choices]
-    assert "".join(chunks) == expected[0].outputs[0].text
-    assert len([c for c in chunks if c]) > 1, chunks
+    stream = client.completions.create(
+        model=server.job,
+        prompt=PROMPTS[0],
+        max_tokens=8,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    texts = [c.choices[0].text for c in chunks if c.choices]
+    assert "".join(texts) == expected[0].outputs[0].text
+    assert len([t for t in texts if t]) > 1, texts
+    assert chunks[-1].usage.completion_tokens == len(expected[0].outputs[0].token_ids)
 
 
 def test_chat_greedy_text_and_top_logprobs_match_plain_vllm(client, server, reference):
@@ -184,6 +196,13 @@ def test_echo_gives_the_prompt_logprobs_lm_eval_reads(client, server, reference)
         lp.token_logprobs[1:n], want.prompt_token_ids[1:], want.prompt_logprobs[1:], strict=True
     ):
         assert close(got, ref_lp[tid].logprob)
+
+    # max_tokens=0: the prompt alone, scored (vLLM's echo without generation).
+    alone = client.completions.create(model=server.job, prompt=prompt, max_tokens=0, logprobs=1, echo=True)
+    assert alone.choices[0].text == prompt
+    scored = alone.choices[0].logprobs.token_logprobs
+    assert len(scored) == n and scored[0] is None
+    assert all(close(a, b) for a, b in zip(scored[1:], lp.token_logprobs[1:n], strict=True))
 
 
 def test_sampling_parameters_match_plain_vllm(client, server, reference):
@@ -309,3 +328,25 @@ def test_200_concurrent_completions_half_streaming_are_all_correct(server, refer
     texts = asyncio.run(main())
     wrong = [(i, t, expected[prompts[i]]) for i, t in enumerate(texts) if t != expected[prompts[i]]]
     assert not wrong, wrong[:5]
+
+
+def test_while_a_job_trains_its_live_weights_answer_and_other_weights_get_409(server, client):
+    """Training and serving share the engine: the training job's id streams from it, other weights wait."""
+    import time
+
+    config = {**server.config, "reward": {"fn": "slow.py:slow"}, "train": {"steps": 2, "eval_every": 2}}
+    job = httpx.post(server.url + "/v1/jobs", headers=AUTH, json={"config": config}).json()
+    deadline = time.time() + 300
+    while httpx.get(f"{server.url}/v1/jobs/{job['id']}", headers=AUTH).json()["status"] != "running":
+        assert time.time() < deadline, "the job did not start"
+        time.sleep(0.2)
+    stream = client.completions.create(model=job["id"], prompt=PROMPTS[0], max_tokens=4, temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in stream if c.choices)
+    with pytest.raises(openai.ConflictError) as busy:
+        client.completions.create(model=server.job, prompt=PROMPTS[0], max_tokens=4)
+    assert f"the engine is training {job['id']}" in busy.value.message
+    assert httpx.get(f"{server.url}/v1/jobs/{job['id']}", headers=AUTH).json()["status"] == "running"
+    with httpx.stream("GET", f"{server.url}/v1/jobs/{job['id']}/events", headers=AUTH, timeout=600) as events:
+        for _ in events.iter_lines():
+            pass
+    assert httpx.get(f"{server.url}/v1/jobs/{job['id']}", headers=AUTH).json()["status"] == "succeeded"

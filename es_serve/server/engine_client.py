@@ -14,6 +14,7 @@ waiting for the engine is not starved by a steady stream of completions.
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import threading
 import time
@@ -21,6 +22,8 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from .batcher import BatchStats
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -85,7 +88,10 @@ class StepDriver:
                 self.backlog = deque(x for x in self.backlog if getattr(x, "request_id", None) != first.request_id)
                 continue
             with self.slot.lock:
-                self._session(first)
+                try:
+                    self._session(first)
+                except Exception:  # a bug here must not stop every later completion
+                    logger.exception("completion session failed")
             if self.backlog:
                 time.sleep(0.01)  # a training step waiting for the lock gets it before the next session
 
@@ -116,6 +122,7 @@ class StepDriver:
                         live.pop(item.request_id)
                     else:
                         aborted.add(item.request_id)
+                        self.backlog = deque(x for x in self.backlog if x.request_id != item.request_id)
                 elif item.request_id in aborted:
                     continue
                 elif item.target != target or not admitting:
@@ -134,7 +141,17 @@ class StepDriver:
             if not live:
                 break
             t0 = time.perf_counter()
-            outputs = core.step()
+            try:
+                outputs = core.step()
+            except Exception as exc:  # the engine failed mid-batch: its requests hear why, the thread goes on
+                try:
+                    core.abort_request(list(live))
+                except Exception:
+                    logger.exception("could not abort the requests of a failed engine step")
+                for sub in live.values():
+                    _deliver(sub, exc)
+                live.clear()
+                break
             seconds += time.perf_counter() - t0
             for out in outputs:
                 sub = live.get(out.request_id)

@@ -330,6 +330,38 @@ def test_200_concurrent_completions_half_streaming_are_all_correct(server, refer
     assert not wrong, wrong[:5]
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_client_that_hangs_up_takes_its_request_out_of_the_engine(server, stream):
+    """Its tokens are never finished: the session ends with no completion tokens counted for it."""
+    import time
+
+    def counters():
+        text = httpx.get(server.url + "/metrics", headers=AUTH).text
+        values = {}
+        for line in text.splitlines():
+            name, _, value = line.partition(" ")
+            if name in ("es_serve_completion_batches_total", "es_serve_completion_tokens_total"):
+                values[name] = float(value)
+        return values
+
+    before = counters()
+    body = {"model": server.job, "prompt": "one", "max_tokens": 480, "ignore_eos": True, "stream": stream}
+    with httpx.Client(headers=AUTH, timeout=httpx.Timeout(60, read=0.5)) as c:
+        if stream:
+            with c.stream("POST", server.url + "/v1/completions", json=body) as r:
+                assert next(line for line in r.iter_lines() if line.startswith("data: "))
+        else:
+            with pytest.raises(httpx.ReadTimeout):
+                c.post(server.url + "/v1/completions", json=body)
+    deadline = time.time() + 120
+    while counters()["es_serve_completion_batches_total"] == before["es_serve_completion_batches_total"]:
+        assert time.time() < deadline, "the engine session never ended"
+        time.sleep(0.1)
+    # 480 tokens would have been counted had the request run to its end.
+    after = counters()
+    assert after["es_serve_completion_tokens_total"] == before["es_serve_completion_tokens_total"]
+
+
 def test_while_a_job_trains_its_live_weights_answer_and_other_weights_get_409(server, client):
     """Training and serving share the engine: the training job's id streams from it, other weights wait."""
     import time

@@ -19,7 +19,7 @@ import uuid
 from http import HTTPStatus
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
 from ..types import Completion, Sampling
@@ -87,10 +87,24 @@ class OpenAIRoutes:
         return await self._answer(raw, ChatCompletionRequest, chat=True)
 
     async def _answer(self, raw: Request, model_cls, chat: bool):
+        """The answer, or nothing once the client hangs up: its requests then leave the engine's batch."""
+        from vllm.entrypoints.serve.utils.api_utils import listen_for_disconnect
+
+        body = await raw.body()  # read first: the disconnect listener consumes whatever the client sends
+        work = asyncio.ensure_future(self._answer_body(raw, body, model_cls, chat))
+        gone = asyncio.ensure_future(listen_for_disconnect(raw))
+        done, pending = await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        for task in pending:
+            task.cancel()
+        if work in done:
+            return work.result()
+        return Response(status_code=499)  # nobody is there to read it
+
+    async def _answer_body(self, raw: Request, body: bytes, model_cls, chat: bool):
         from vllm.exceptions import VLLMError
 
         try:
-            return await self._run(raw, model_cls, chat)
+            return await self._run(raw, body, model_cls, chat)
         except Busy as exc:  # another job started training between the check and the run
             return error(409, str(exc), "conflict")
         except (VLLMError, ValueError, TypeError, OverflowError, NotImplementedError) as exc:
@@ -100,9 +114,9 @@ class OpenAIRoutes:
             body = create_error_response(exc)
             return JSONResponse(body.model_dump(), status_code=body.error.code)
 
-    async def _run(self, raw: Request, model_cls, chat: bool):
+    async def _run(self, raw: Request, body: bytes, model_cls, chat: bool):
         try:
-            body = json.loads(await raw.body() or b"null")
+            body = json.loads(body or b"null")
         except ValueError as exc:
             return vllm_error(f"the body is not JSON: {exc}")
         if not isinstance(body, dict):

@@ -44,11 +44,12 @@ def error(status: int, message: str, kind: str = "invalid_request_error", detail
     return JSONResponse(body, status_code=status)
 
 
-def vllm_error(message: str, status: HTTPStatus = HTTPStatus.BAD_REQUEST, param: str | None = None) -> JSONResponse:
-    from vllm.entrypoints.serve.engine.protocol import ErrorInfo, ErrorResponse
+def vllm_error(message: str, param: str | None = None) -> JSONResponse:
+    """A 400 in vLLM's ErrorResponse shape, typed as vLLM types the request errors it finds itself."""
+    from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
 
-    body = ErrorResponse(error=ErrorInfo(message=message, type=status.phrase, code=status.value, param=param))
-    return JSONResponse(body.model_dump(), status_code=status.value)
+    body = create_error_response(message, "BadRequestError", HTTPStatus.BAD_REQUEST, param)
+    return JSONResponse(body.model_dump(), status_code=HTTPStatus.BAD_REQUEST)
 
 
 async def _validation_error(exc: ValidationError) -> JSONResponse:

@@ -14,15 +14,14 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Res
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..run_dir import RunDir
-from ..types import Sampling
 from .batcher import CompletionBatcher
-from .engine_slot import Busy, EngineSlot
+from .engine_slot import EngineSlot
 from .events import job_events
-from .inference import Inference, PromptTooLong, UnknownModel
+from .inference import Inference
 from .jobs import JOB_LOG, JobManager, QueueFull, summary
 from .limits import AdmissionGate, Full, too_many
 from .metrics import CONTENT_TYPE, ServerMetrics
-from .openai_api import ChatRequest, CompletionRequest, chat_response, completion_response
+from .openai_api import OpenAIRoutes
 from .security import Guard
 from .settings import ServerSettings
 from .validation import FieldErrors, parse_job
@@ -44,17 +43,21 @@ def create_app(settings: ServerSettings) -> FastAPI:
     batcher = CompletionBatcher(inference.run_group, settings.batch_window_s, settings.max_batch)
     server_metrics.attach(manager, batcher.stats)
     gate = AdmissionGate(settings.max_pending_completions, settings.completion_retry_after_s)
+    # vLLM engines answer through vLLM's OpenAI serving classes; the batcher serves the dense engine.
+    openai_routes = OpenAIRoutes(inference, settings, batcher, batcher.stats)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         manager.start()
         batcher.start()
+        openai_routes.start()
         try:
             yield
         finally:
             # SIGTERM: the job in progress finishes its step, checkpoints and stays queued for the next start.
             await asyncio.to_thread(manager.join)
             await batcher.stop()
+            await asyncio.to_thread(openai_routes.stop)
 
     app = FastAPI(title="es-serve", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.settings, app.state.manager, app.state.slot, app.state.batcher = settings, manager, slot, batcher
@@ -162,36 +165,11 @@ def create_app(settings: ServerSettings) -> FastAPI:
     async def models():
         return {"object": "list", "data": inference.models()}
 
-    async def _complete(req, prompts: list, render):
-        max_tokens = getattr(req, "max_completion_tokens", None) or req.max_tokens or 16
-        if max_tokens > settings.max_tokens:
-            return error(422, f"max_tokens: at most {settings.max_tokens} on this server, got {max_tokens}")
-        if req.n > settings.max_n:
-            return error(422, f"n: at most {settings.max_n} on this server, got {req.n}")
-        if len(prompts) * req.n > settings.max_prompts:
-            return error(422, f"prompt: at most {settings.max_prompts} prompts x n per request")
-        too_long = [i for i, p in enumerate(prompts) if _chars(p) > settings.max_prompt_chars]
-        if too_long:
-            return error(422, f"prompt {too_long[0]}: longer than {settings.max_prompt_chars} characters")
-        try:
-            target = inference.resolve(req.model)
-        except UnknownModel as exc:
-            return error(404, str(exc), "not_found_error")
-        sampling = Sampling(max_tokens, req.temperature, req.top_p, req.seed or 0)
-        # n choices per prompt: the prompt repeated, each copy with its own per-position seed.
-        repeated = [p for p in prompts for _ in range(req.n)]
-        try:
-            completions, prompt_tokens = await batcher.submit(
-                target, repeated, sampling, own_seed=req.seed is not None and req.temperature > 0
-            )
-        except Busy as exc:
-            return error(409, str(exc), "conflict")
-        except PromptTooLong as exc:
-            return error(400, str(exc))
-        return render(req.model or target, completions, prompt_tokens // max(req.n, 1), max_tokens)
-
     async def _admitted(run):
-        """A completion handler's body under the queue bound, timed for /metrics."""
+        """A completion handler's body under the queue bound, timed for /metrics.
+
+        A streamed answer is timed to its first byte: the stream itself outlives this call.
+        """
         started = time.perf_counter()
         try:
             async with gate.admit():
@@ -199,31 +177,28 @@ def create_app(settings: ServerSettings) -> FastAPI:
         except Full as exc:
             server_metrics.rejected.labels(queue="completions").inc()
             return too_many(str(exc), settings.completion_retry_after_s)
-        ok = response.status_code < 400 if isinstance(response, Response) else True
-        usage = response.get("usage", {}) if isinstance(response, dict) else {}
+        usage = {}
+        body = getattr(response, "body", None)
+        if body and response.status_code < 400:
+            try:
+                usage = json.loads(body).get("usage") or {}
+            except (ValueError, AttributeError):
+                usage = {}
         server_metrics.observe_completion(
             time.perf_counter() - started,
             usage.get("completion_tokens", 0),
             usage.get("prompt_tokens", 0),
-            status="ok" if ok else "error",
+            status="ok" if response.status_code < 400 else "error",
         )
         return response
 
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest):
-        prompts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
-        if not prompts:
-            return error(422, "prompt: give at least one prompt")
-        return await _admitted(lambda: _complete(req, prompts, completion_response))
+    async def completions(request: Request):
+        return await _admitted(lambda: openai_routes.completions(request))
 
     @app.post("/v1/chat/completions")
-    async def chat(req: ChatRequest):
-        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-        return await _admitted(lambda: _complete(req, [messages], chat_response))
+    async def chat(request: Request):
+        return await _admitted(lambda: openai_routes.chat(request))
 
     app.add_middleware(Guard, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes)
     return app
-
-
-def _chars(prompt) -> int:
-    return len(prompt) if isinstance(prompt, str) else sum(len(m["content"]) for m in prompt)

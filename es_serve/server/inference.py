@@ -65,7 +65,29 @@ class Inference:
         ids = [m["id"] for m in self.models()]
         return f"{why}; known: {', '.join(ids)} (GET /v1/models lists them)"
 
-    def _prepare(self, target: str):
+    def engine_for(self, target: str):
+        """The engine holding `target`'s weights, loading them if the engine is free (Busy if it is not).
+
+        The common case, weights already in place, skips the lock (see loaded_engine): the engine is
+        checked again under the lock when the request runs.
+        """
+        engine = self.loaded_engine(target)
+        if engine is not None:
+            return engine
+        with self.slot.lock:
+            return self.prepare(target)
+
+    def loaded_engine(self, target: str):
+        """The engine if it already holds `target`'s weights, else None; never waits for the lock."""
+        slot = self.slot
+        engine = slot.engine
+        if engine is not None and (
+            slot.holder == target or (self.manager.get(target) is None and slot.model == target)
+        ):
+            return engine
+        return None
+
+    def prepare(self, target: str):
         """The engine holding `target`'s weights; the caller holds the slot's lock."""
         slot, running = self.slot, self.manager.current
         job = self.manager.get(target)
@@ -96,7 +118,7 @@ class Inference:
     def run_group(self, target: str, sampling: Sampling, prompts: list) -> tuple[list, list[int]]:
         """Completions (or a PromptTooLong in a bad prompt's place) and prompt token counts."""
         with self.slot.lock:
-            engine = self._prepare(target)
+            engine = self.prepare(target)
             limit = self.slot.config.model.max_model_len
             texts, counts, results = [], [], [None] * len(prompts)
             for i, prompt in enumerate(prompts):

@@ -193,9 +193,14 @@ class Replica:
             weights[name] = torch.where(picked, up, w)
         return self.load_state_dict(weights, self.engine.optimizer_state())
 
-    def corrupt(self, scale: float = 1e-3) -> str:
-        """Nudges one trained matrix, as a silent divergence would (checksum tests)."""
-        weights = self.engine.state_dict()
-        name = sorted(weights)[0]
-        weights[name] = weights[name] + scale
-        return self.load_state_dict(weights, self.engine.optimizer_state())
+    def corrupt(self, scale: float = 1e-3, optimizer: bool = False) -> str:
+        """Nudges one trained matrix (or, with optimizer=True, one optimizer buffer), as a silent divergence would
+        (checksum tests)."""
+        weights, state = self.engine.state_dict(), self.engine.optimizer_state()
+        if optimizer:
+            name = sorted(k for k in state if not k.endswith("/step"))[0]
+            state[name] = state[name] + scale
+        else:
+            name = sorted(weights)[0]
+            weights[name] = weights[name] + scale
+        return self.load_state_dict(weights, state)

@@ -539,9 +539,12 @@ class RayEngine:
 
         for handle in list(self.replicas):
             try:
-                return ray.get(handle.actor.optimizer_state.remote())
+                state = ray.get(handle.actor.optimizer_state.remote())
             except RayActorError as exc:
                 self._lost(handle, exc)
+                continue
+            self._count("net/weights_bytes", sum(t.numel() * t.element_size() for t in state.values()))
+            return state
         raise RuntimeError("every replica died; the run directory can be resumed with --resume")
 
     def load_state_dict(self, weights, optimizer_state: dict | None = None) -> str:

@@ -2,6 +2,7 @@
 
 from .lora import lora_from_factors, member_delta, member_lora, member_state_dict, peft_config, write_peft_adapter
 from .noise import NOISE_VERSION, NoiseKey, many_factors, noise_epoch, pair_factors, stacked_factors
+from .optim import OPTIMIZERS, Optimizer, OptimizerState, split_state
 from .population import Population
 from .shaping import SHAPINGS, shape_fitness
 from .targets import DEFAULT_MODULES, Target, find_targets
@@ -18,9 +19,12 @@ from .update import (
 __all__ = [
     "DEFAULT_MODULES",
     "NOISE_VERSION",
+    "OPTIMIZERS",
     "SCALINGS",
     "SHAPINGS",
     "NoiseKey",
+    "Optimizer",
+    "OptimizerState",
     "Population",
     "Target",
     "apply_update",
@@ -38,6 +42,7 @@ __all__ = [
     "pair_factors",
     "peft_config",
     "shape_fitness",
+    "split_state",
     "stacked_factors",
     "update_factor",
     "write_peft_adapter",

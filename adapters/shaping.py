@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-SHAPINGS = ("centered", "zscore", "rank")
+SHAPINGS = ("centered", "centered_raw", "zscore", "rank")
 
 
 def shape_fitness(rewards, method: str = "centered", population: int | None = None, valid=None) -> torch.Tensor:
@@ -45,6 +45,10 @@ def shape_fitness(rewards, method: str = "centered", population: int | None = No
         raise ValueError(f"member {i} has no valid reward on any prompt: nothing to shape")
     if method == "centered":
         return _centered(f, mask)
+    if method == "centered_raw":
+        out = _prompt_centered(f, mask)
+        # Rounding noise of an all-equal matrix is no signal (Adam would scale it up to a full step).
+        return torch.zeros_like(out) if out.abs().max() <= 1e-12 * max(1.0, float(f.abs().max())) else out
     per_member = f.sum(dim=1) / counts
     if method == "zscore":
         centered = per_member - per_member.mean()
@@ -52,11 +56,17 @@ def shape_fitness(rewards, method: str = "centered", population: int | None = No
     return _centered_ranks(per_member)
 
 
-def _centered(f: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def _prompt_centered(f: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     # Subtracting each prompt's mean first removes prompt difficulty from the comparison.
     per_prompt = f.sum(dim=0) / mask.sum(dim=0).clamp(min=1)
     diff = torch.where(mask, f - per_prompt, torch.zeros_like(f))
-    out = diff.sum(dim=1) / mask.sum(dim=1)
+    return diff.sum(dim=1) / mask.sum(dim=1)
+
+
+def _centered(f: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    # Scaled to unit spread, every step moves about as far; centered_raw keeps the reward's own scale,
+    # so a step where a single outcome differed moves little.
+    out = _prompt_centered(f, mask)
     std = out.std(unbiased=False)
     # A relative threshold: rounding noise in an all-equal matrix must not be blown up to +-1.
     if std <= 1e-12 * max(1.0, float(f.abs().max())):

@@ -34,6 +34,7 @@ from collections.abc import Iterator, MutableMapping, Sequence
 import torch
 
 from .noise import stacked_factors
+from .optim import Optimizer, OptimizerState, begin_step, step_matrix
 from .population import Population
 from .targets import Target
 
@@ -138,11 +139,15 @@ def apply_update(
     lr: float,
     scaling: str = "mean",
     noise: int | None = None,
+    optimizer: Optimizer | None = None,
+    state: OptimizerState | None = None,
 ) -> None:
     """Adds delta W to each float32 master weight in place (weights keyed by parameter name).
 
     addmm_ accumulates straight into the master, so no m x n delta is ever allocated. noise is the
     noise version to redraw (default adapters.noise.NOISE_VERSION; a replay passes its step's own).
+    With a stateful optimizer (momentum, adam; see optim.py) the ES gradient of each matrix is formed
+    (one m x n temporary at a time) and stepped with `state`, which is updated in place.
     """
     for target in targets:
         w = weights[target.param]
@@ -151,6 +156,18 @@ def apply_update(
                 f"master weight {target.param} is {w.dtype}; keep float32 masters so small ES steps "
                 "are not rounded away"
             )
+    if optimizer is not None and optimizer.stateful:
+        if state is None:
+            raise ValueError(f"optimizer {optimizer.name} keeps state: pass its OptimizerState")
+        if not math.isfinite(lr):
+            raise ValueError(f"learning rate must be finite, got {lr!r}")
+        begin_step(optimizer, state)
+        # The gradient is the update at lr = 1; the rule applies the step's lr itself.
+        for target, a_cat, b_cat in update_factors(targets, pop, seed, epoch, shaped_fitness, 1.0, scaling, noise):
+            w = weights[target.param]
+            grad = torch.zeros_like(w) if a_cat is None else (a_cat @ b_cat.T).to(w.device)
+            step_matrix(w, grad, state.for_param(target.param, w), optimizer, lr, state.step)
+        return
     for target, a_cat, b_cat in update_factors(targets, pop, seed, epoch, shaped_fitness, lr, scaling, noise):
         if a_cat is not None:
             w = weights[target.param]

@@ -36,7 +36,35 @@ class ESConfig(_Section):
     rank: int = Field(1, ge=1, le=512)
     sigma: float = Field(5e-3, gt=0)
     lr: float = Field(1e-2, gt=0)
-    shaping: Literal["centered", "zscore", "rank"] = "centered"
+    optimizer: Literal["sgd", "momentum", "adam"] = Field(
+        "sgd",
+        description="rule applied to the ES gradient g = A diag(c) B^T / (N sqrt r): sgd (W += lr g), momentum "
+        "(heavy ball, as torch.optim.SGD), adam (as torch.optim.Adam); momentum and adam keep float32 state "
+        "next to the masters. Adam's step per weight is about lr whatever the size of g, while sgd's is "
+        "lr x |g| with |g| about 1 / sqrt(N) (unit-variance shaped fitness, mean scaling): start adam near "
+        "es.lr / sqrt(N) (2.5e-3 for the main job) and momentum near es.lr x (1 - es.momentum)",
+    )
+    momentum: float = Field(0.9, ge=0, lt=1, description="es.optimizer=momentum: the velocity's decay")
+    adam_beta1: float = Field(0.9, ge=0, lt=1, description="es.optimizer=adam: decay of the first moment")
+    adam_beta2: float = Field(0.999, ge=0, lt=1, description="es.optimizer=adam: decay of the second moment")
+    adam_eps: float = Field(
+        1e-8,
+        gt=0,
+        description="es.optimizer=adam: added to sqrt(v); ES gradient entries are about 1 / sqrt(N), far "
+        "above it, so it only guards entries that are exactly zero",
+    )
+    lr_schedule: Literal["constant", "linear", "cosine"] = Field(
+        "constant", description="es.lr over train.steps: after es.warmup_steps, decay to es.lr_min_ratio x es.lr"
+    )
+    lr_min_ratio: float = Field(0.0, ge=0, le=1, description="es.lr at the last step, as a fraction of es.lr")
+    warmup_steps: int = Field(0, ge=0, description="steps over which es.lr rises linearly to its full value")
+    sigma_schedule: Literal["constant", "linear", "cosine"] = Field(
+        "constant", description="es.sigma over train.steps, decaying to es.sigma_min_ratio x es.sigma (no warmup)"
+    )
+    sigma_min_ratio: float = Field(
+        0.1, gt=0, le=1, description="es.sigma at the last step, as a fraction of es.sigma (> 0: members must differ)"
+    )
+    shaping: Literal["centered", "centered_raw", "zscore", "rank"] = "centered"
     scaling: Literal["mean", "sqrt"] = "mean"
     antithetic: bool = True
     noise_reuse: int = Field(1, ge=1, description="steps that share one noise epoch")

@@ -15,7 +15,17 @@ from pathlib import Path
 
 import torch
 
-from adapters import DEFAULT_MODULES, NoiseKey, Population, Target, apply_update, find_targets, pair_factors
+from adapters import (
+    DEFAULT_MODULES,
+    NoiseKey,
+    Optimizer,
+    OptimizerState,
+    Population,
+    Target,
+    apply_update,
+    find_targets,
+    pair_factors,
+)
 
 from .types import Completion, Generation, PopulationResult, Sampling
 
@@ -57,6 +67,8 @@ class DenseEngine:
         self.targets = find_targets(self.params, modules)
         # float32 masters, as in the vLLM engine, so both engines round the same way.
         self.master = {t.param: self.params[t.param].detach().to("cpu", torch.float32).clone() for t in self.targets}
+        # Momentum / Adam buffers, float32 next to the masters (None until a stateful step or under sgd).
+        self.optimizer: OptimizerState | None = None
         self._sync()
 
     def _sync(self) -> None:
@@ -137,14 +149,36 @@ class DenseEngine:
         tokens = sum(len(c.token_ids) for row in completions for c in row)
         return PopulationResult(completions, time.perf_counter() - start, tokens)
 
-    def apply_update(self, gen: Generation, shaped_fitness, lr: float, scaling: str = "mean") -> None:
-        apply_update(self.master, self.targets, gen.population, gen.seed, gen.epoch, shaped_fitness, lr, scaling)
+    def apply_update(
+        self, gen: Generation, shaped_fitness, lr: float, scaling: str = "mean", optimizer: Optimizer | None = None
+    ) -> None:
+        optimizer = Optimizer.from_record(optimizer)
+        if optimizer.stateful and self.optimizer is None:
+            self.optimizer = OptimizerState(optimizer.name)
+        apply_update(
+            self.master,
+            self.targets,
+            gen.population,
+            gen.seed,
+            gen.epoch,
+            shaped_fitness,
+            lr,
+            scaling,
+            optimizer=optimizer,
+            state=self.optimizer,
+        )
         self._sync()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.clone() for k, v in self.master.items()}
 
-    def load_state_dict(self, weights: dict[str, torch.Tensor]) -> None:
+    def optimizer_state(self) -> dict[str, torch.Tensor]:
+        """The optimizer state as flat tensors (adapters.OptimizerState.tensors); empty under sgd."""
+        return self.optimizer.tensors() if self.optimizer is not None else {}
+
+    def load_state_dict(self, weights: dict[str, torch.Tensor], optimizer_state: dict | None = None) -> None:
+        """Weights and the optimizer state that goes with them; without one the optimizer starts afresh."""
         for t in self.targets:
             self.master[t.param].copy_(weights[t.param])
+        self.optimizer = OptimizerState.from_tensors(optimizer_state)
         self._sync()

@@ -18,7 +18,7 @@ import torch
 
 from .config import load_config
 from .run_dir import RunDir
-from .weights import base_weights, replay_updates
+from .weights import base_weights, restore_run
 
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 # Written by save_pretrained or by this module; everything else in the base directory (tokenizer,
@@ -34,15 +34,11 @@ class HubError(ValueError):
 
 
 def trained_weights(run: RunDir, model_dir: Path, modules) -> tuple[int, dict[str, torch.Tensor]]:
-    """The weights at the last committed step: latest checkpoint plus the replay log after it."""
-    step = run.committed_step()
-    ckpt_step, path = run.latest_checkpoint(at_most=step)
+    """The weights at the last committed step: latest checkpoint plus the replay log after it (a momentum or
+    Adam run replays with the checkpoint's optimizer state; only the weights are exported)."""
     targets, weights = base_weights(model_dir, modules)
-    if path is not None:
-        weights.update(run.load_checkpoint(path))
-    else:
-        ckpt_step = 0
-    return step, replay_updates(weights, targets, run.replay(), ckpt_step, step)
+    step, _ = restore_run(run, targets, weights)
+    return step, weights
 
 
 def _stored_dtype(model_dir: Path, names) -> torch.dtype:

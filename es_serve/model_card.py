@@ -79,6 +79,7 @@ def model_card(config: Config, run: RunDir, step: int, title: str, trained: list
         ("rank r", str(es.rank)),
         ("sigma", repr(es.sigma)),
         ("learning rate", f"{es.lr!r} ({es.scaling} scaling)"),
+        *_optimizer_rows(es),
         ("fitness shaping", es.shaping),
         ("noise reuse", f"{es.noise_reuse} step(s)"),
         ("trained modules", modules),
@@ -117,3 +118,17 @@ def model_card(config: Config, run: RunDir, step: int, title: str, trained: list
         "",
     ]
     return "\n".join(header + body)
+
+
+def _optimizer_rows(es) -> list[tuple[str, str]]:
+    """Rows for settings away from their defaults (plain sgd, constant lr and sigma), so a default card reads as before."""
+    rows = []
+    if es.optimizer == "momentum":
+        rows.append(("optimizer", f"momentum ({es.momentum!r})"))
+    elif es.optimizer == "adam":
+        rows.append(("optimizer", f"adam (beta1 {es.adam_beta1!r}, beta2 {es.adam_beta2!r}, eps {es.adam_eps!r})"))
+    if es.lr_schedule != "constant" or es.warmup_steps:
+        rows.append(("lr schedule", f"{es.lr_schedule} to {es.lr_min_ratio!r} x lr, {es.warmup_steps} warmup step(s)"))
+    if es.sigma_schedule != "constant":
+        rows.append(("sigma schedule", f"{es.sigma_schedule} to {es.sigma_min_ratio!r} x sigma"))
+    return rows

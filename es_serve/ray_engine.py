@@ -106,6 +106,20 @@ def start_local_ray(**init_kwargs) -> None:
         raise RuntimeError(f"the local Ray cluster advertises {node_ip}, not 127.0.0.1; refusing to run on it")
 
 
+def _drift_gain(rule) -> float:
+    """How much more rounding drift between CPU kinds one merge may leave than plain sgd's GEMM.
+
+    Momentum carries each step's gradient (and its rounding) on with weight mu^k, at most 1 / (1 - mu) in
+    all; Adam divides by the square root of its second moment, which no such linear bound covers, so its
+    replicas must agree bitwise (one CPU kind) or be resynchronised at every check that finds them apart.
+    """
+    if rule.name == "momentum":
+        return 1.0 / (1.0 - rule.momentum)
+    if rule.name == "adam":
+        return math.inf
+    return 1.0
+
+
 def split(items: Sequence[int], parts: int, unit: int = 1) -> list[list[int]]:
     """Contiguous, balanced slices of whole groups of `unit` (antithetic pairs stay together)."""
     groups = [list(items[i : i + unit]) for i in range(0, len(items), unit)]
@@ -170,6 +184,7 @@ class RayEngine:
         self.joining: list[_Handle] = []
         self.run = None
         self.updates = 0
+        self._rule = None  # the optimizer of the last update
         self._drift = 0.0  # rounding drift the merges since the replicas last agreed bitwise may explain
         self.events: list[dict] = []
         self.traffic: dict[str, int] = dict.fromkeys(TRAFFIC_KEYS, 0)
@@ -362,22 +377,28 @@ class RayEngine:
         return [c for _, value in result for c in value]
 
     # -- the update ---------------------------------------------------------------------------
-    def apply_update(self, gen: Generation, shaped_fitness, lr: float, scaling: str = "mean") -> str | None:
-        """Sends the seed, epoch and N shaped fitness values; every replica merges the update itself."""
+    def apply_update(self, gen: Generation, shaped_fitness, lr: float, scaling: str = "mean", optimizer=None):
+        """Sends the seed, epoch, N shaped fitness values and the optimizer's settings; every replica merges
+        the update (and steps its own copy of the optimizer state) itself."""
         import torch
+
+        from adapters import Optimizer
 
         self.updates += 1
         check = bool(self.checksum_every) and self.updates % self.checksum_every == 0
         pop = gen.population
-        self._drift += drift_per_update((pop.size // 2 if pop.antithetic else pop.size) * pop.rank)
+        rule = Optimizer.from_record(optimizer)
+        self._drift += drift_per_update((pop.size // 2 if pop.antithetic else pop.size) * pop.rank) * _drift_gain(rule)
         shaped = [float(x) for x in torch.as_tensor(shaped_fitness).reshape(-1)]
         spec = (pop.size, pop.rank, pop.sigma, pop.antithetic)
+        self._rule = rule
+        record = rule.record() if rule.stateful else None  # sgd: nothing more to send than before
         results = self._broadcast(
-            "update", "apply_update", gen.seed, gen.epoch, gen.step, spec, shaped, lr, scaling, check
+            "update", "apply_update", gen.seed, gen.epoch, gen.step, spec, shaped, lr, scaling, check, record
         )
         if not check:
             return None
-        return self._verify(results, current=(gen, shaped, lr, scaling))
+        return self._verify(results, current=(gen, shaped, lr, scaling, rule))
 
     # -- checksums and resynchronisation --------------------------------------------------------
     def checksum(self) -> str:
@@ -422,32 +443,33 @@ class RayEngine:
         return healthy
 
     def _reference_checksum(self, current=None) -> str | None:
-        """The checksum the weights should have: base model + checkpoint + replay (+ the step in flight)."""
+        """The checksum the replicas should have: base model + checkpoint + replay (+ the step in flight),
+        over the weights and the optimizer state."""
         if self.run is None or not self.run.exists():
             return None
-        from adapters import apply_update
+        from adapters import OptimizerState, apply_update
 
-        from .weights import base_weights, replay_updates
+        from .weights import base_weights, restore_run
 
-        step = self.run.committed_step()
-        ckpt_step, path = self.run.latest_checkpoint(at_most=step)
         targets, weights = base_weights(self.model_dir, self.config.es.modules)
-        if path is not None:
-            weights.update(self.run.load_checkpoint(path))
-        replay_updates(weights, targets, self.run.replay(), ckpt_step if path else 0, step)
+        step, state = restore_run(self.run, targets, weights)
         if current is not None:
-            gen, shaped, lr, scaling = current
+            gen, shaped, lr, scaling, rule = current
             if gen.step != step + 1:
                 return None  # the log and the engine are not in step (not a Trainer-driven update)
-            apply_update(weights, targets, gen.population, gen.seed, gen.epoch, shaped, lr, scaling)
-        return weights_checksum(weights)
+            if rule.stateful and state is None:
+                state = OptimizerState(rule.name)
+            apply_update(
+                weights, targets, gen.population, gen.seed, gen.epoch, shaped, lr, scaling, optimizer=rule, state=state
+            )
+        return weights_checksum({**weights, **(state.tensors() if state is not None else {})})
 
     def _resync(self, handle: _Handle, source: _Handle, expected: str, why: str) -> None:
-
-        # The weights go from one replica's object store to the other's; the driver never holds them.
-        weights = source.actor.state_dict.remote()
-        got = self._get(handle.actor.load_state_dict.remote(weights), f"resynchronising {handle}")
-        self._count("net/weights_bytes", self._weight_bytes)
+        # Weights and optimizer state go from one replica's object store to the other's; the driver
+        # never holds them.
+        state = source.actor.full_state.remote()
+        got = self._get(handle.actor.load_full_state.remote(state), f"resynchronising {handle}")
+        self._count("net/weights_bytes", self._weight_bytes * self._state_factor())
         if got != expected:
             raise RuntimeError(
                 f"{handle} still disagrees after copying the weights of {source} (checksum {got[:12]} != "
@@ -456,6 +478,11 @@ class RayEngine:
             )
         self.events.append({"event": "resync", "replica": handle.number, "source": source.number, "why": why})
         log.warning("es-serve: %r resynchronised from %r: %s", handle, source, why)
+
+    def _state_factor(self) -> int:
+        """Bytes of weights plus optimizer state, in units of the weights (momentum doubles, Adam triples)."""
+        name = self._rule.name if self._rule is not None else self.config.es.optimizer
+        return 1 + {"momentum": 1, "adam": 2}.get(name, 0)
 
     # -- replicas joining ----------------------------------------------------------------------
     def admit_joining(self, block: bool = False) -> int:
@@ -494,14 +521,13 @@ class RayEngine:
         if self.run is not None and self.run.exists():
             step = self.run.committed_step()
             ckpt_step, path = self.run.latest_checkpoint(at_most=step)
-            checkpoint = self.run.load_checkpoint(path) if path is not None else None
+            checkpoint = self.run.load_checkpoint(path, optimizer_state=True) if path is not None else None
             after = ckpt_step if path is not None else 0
             entries = [e for e in self.run.replay() if after < e["step"] <= step]
             ref = ray.put(checkpoint) if checkpoint else None
-            got = self._get(handle.actor.restore.remote(ref, entries), f"restoring {handle}")
-            self._count(
-                "net/weights_bytes", (self._weight_bytes if checkpoint else 0) + len(cloudpickle.dumps(entries))
-            )
+            got = self._get(handle.actor.restore.remote(ref, entries, after), f"restoring {handle}")
+            sent = sum(t.numel() * t.element_size() for t in checkpoint.values()) if checkpoint else 0
+            self._count("net/weights_bytes", sent + len(cloudpickle.dumps(entries)))
             event.update(checkpoint_step=after, replayed_steps=len(entries), step=step)
             if expected is None or got == expected:
                 self.events.append(event)
@@ -531,12 +557,27 @@ class RayEngine:
             return weights
         raise RuntimeError("every replica died; the run directory can be resumed with --resume")
 
-    def load_state_dict(self, weights) -> str:
+    def optimizer_state(self) -> dict:
+        import ray
+        from ray.exceptions import RayActorError
+
+        for handle in list(self.replicas):
+            try:
+                state = ray.get(handle.actor.optimizer_state.remote())
+            except RayActorError as exc:
+                self._lost(handle, exc)
+                continue
+            self._count("net/weights_bytes", sum(t.numel() * t.element_size() for t in state.values()))
+            return state
+        raise RuntimeError("every replica died; the run directory can be resumed with --resume")
+
+    def load_state_dict(self, weights, optimizer_state: dict | None = None) -> str:
         import ray
 
         ref = ray.put(weights)
-        results = self._broadcast("control", "load_state_dict", ref)
-        self._count("net/weights_bytes", self._weight_bytes * len(results))
+        state_ref = ray.put(optimizer_state) if optimizer_state else None
+        results = self._broadcast("control", "load_state_dict", ref, state_ref)
+        self._count("net/weights_bytes", self._weight_bytes * self._state_factor() * len(results))
         return self._verify(results)
 
     def close(self) -> None:

@@ -120,14 +120,27 @@ class Replica:
 
     # -- weights ------------------------------------------------------------------------------
     def apply_update(
-        self, seed: int, epoch: int, step: int, pop: tuple, shaped: list[float], lr: float, scaling: str, check: bool
+        self,
+        seed: int,
+        epoch: int,
+        step: int,
+        pop: tuple,
+        shaped: list[float],
+        lr: float,
+        scaling: str,
+        check: bool,
+        optimizer: dict | None = None,
     ) -> str | None:
         gen = Generation(population_of(pop), seed, epoch, step)
-        self.engine.apply_update(gen, shaped, lr, scaling)
+        self.engine.apply_update(gen, shaped, lr, scaling, optimizer=optimizer)
         return self.checksum() if check else None
 
+    def _everything(self) -> dict[str, torch.Tensor]:
+        return {**self.engine.state_dict(), **self.engine.optimizer_state()}
+
     def checksum(self) -> str:
-        return weights_checksum(self.engine.state_dict())
+        """Over the trained matrices and the optimizer state: replicas must agree on both."""
+        return weights_checksum(self._everything())
 
     def fingerprint(self) -> dict[str, tuple[float, float, float]]:
         return weights_fingerprint(self.engine.state_dict())
@@ -135,20 +148,39 @@ class Replica:
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.engine.state_dict()
 
-    def load_state_dict(self, weights: dict[str, torch.Tensor]) -> str:
-        self.engine.load_state_dict(weights)
+    def optimizer_state(self) -> dict[str, torch.Tensor]:
+        return self.engine.optimizer_state()
+
+    def full_state(self) -> dict[str, dict[str, torch.Tensor]]:
+        """What a resynchronisation copies: the weights and the optimizer state of the same step."""
+        return {"weights": self.engine.state_dict(), "optimizer": self.engine.optimizer_state()}
+
+    def load_full_state(self, state: dict[str, dict[str, torch.Tensor]]) -> str:
+        return self.load_state_dict(state["weights"], state.get("optimizer"))
+
+    def load_state_dict(self, weights: dict[str, torch.Tensor], optimizer_state: dict | None = None) -> str:
+        self.engine.load_state_dict(weights, optimizer_state)
         return self.checksum()
 
-    def restore(self, checkpoint: dict[str, torch.Tensor] | None, entries: list[dict]) -> str:
-        """Base model (already loaded), then the checkpoint if any, then the replay log after it."""
-        from .weights import replay_updates
+    def restore(self, checkpoint: dict[str, torch.Tensor] | None, entries: list[dict], after: int | None = None) -> str:
+        """Base model (already loaded), then the checkpoint (with its optimizer state) if any, then the
+        replay log after it; `after` is the checkpoint's step (0 without one)."""
+        from adapters import split_state
+
+        from .weights import replay_with_state
 
         weights = self.engine.state_dict()
+        state = None
         if checkpoint:
-            weights.update({k: v.to(torch.float32) for k, v in checkpoint.items()})
+            saved, state = split_state(checkpoint)
+            weights.update({k: v.to(torch.float32) for k, v in saved.items()})
+        if after is None:
+            after = min(e["step"] for e in entries) - 1 if entries and checkpoint else 0
         if entries:
-            replay_updates(weights, self.engine.targets, entries, after=-1, upto=max(e["step"] for e in entries))
-        return self.load_state_dict(weights)
+            state = replay_with_state(
+                weights, self.engine.targets, entries, after=after, upto=max(e["step"] for e in entries), state=state
+            )
+        return self.load_state_dict(weights, state.tensors() if state is not None else None)
 
     # -- test hooks ---------------------------------------------------------------------------
     def crash_at_step(self, step: int | None) -> None:
@@ -167,11 +199,16 @@ class Replica:
             picked = torch.rand(w.shape, generator=gen) < fraction
             up = torch.nextafter(w, torch.full_like(w, float("inf")))
             weights[name] = torch.where(picked, up, w)
-        return self.load_state_dict(weights)
+        return self.load_state_dict(weights, self.engine.optimizer_state())
 
-    def corrupt(self, scale: float = 1e-3) -> str:
-        """Nudges one trained matrix, as a silent divergence would (checksum tests)."""
-        weights = self.engine.state_dict()
-        name = sorted(weights)[0]
-        weights[name] = weights[name] + scale
-        return self.load_state_dict(weights)
+    def corrupt(self, scale: float = 1e-3, optimizer: bool = False) -> str:
+        """Nudges one trained matrix (or, with optimizer=True, one optimizer buffer), as a silent divergence would
+        (checksum tests)."""
+        weights, state = self.engine.state_dict(), self.engine.optimizer_state()
+        if optimizer:
+            name = sorted(k for k in state if not k.endswith("/step"))[0]
+            state[name] = state[name] + scale
+        else:
+            name = sorted(weights)[0]
+            weights[name] = weights[name] + scale
+        return self.load_state_dict(weights, state)

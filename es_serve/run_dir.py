@@ -103,13 +103,19 @@ class RunDir:
     def metrics(self) -> list[dict]:
         return _read_lines(self.metrics_path)
 
-    # Checkpoints: float32 masters of the trained matrices, as safetensors.
-    def save_checkpoint(self, step: int, weights: dict[str, torch.Tensor], keep: int = 2) -> Path:
+    # Checkpoints: float32 masters of the trained matrices, as safetensors, with the optimizer state
+    # (momentum / Adam buffers and step count, keys "optimizer/...") of the same step in the same file,
+    # so the two are written and renamed together.
+    def save_checkpoint(
+        self, step: int, weights: dict[str, torch.Tensor], keep: int = 2, optimizer_state: dict | None = None
+    ) -> Path:
         from safetensors.torch import save
 
         self.checkpoints.mkdir(parents=True, exist_ok=True)
         path = self.checkpoints / f"step_{step:06d}.safetensors"
-        blob = save({k: v.contiguous() for k, v in weights.items()}, metadata={"step": str(step)})
+        tensors = {k: v.contiguous() for k, v in weights.items()}
+        tensors.update({k: v.contiguous() for k, v in (optimizer_state or {}).items()})
+        blob = save(tensors, metadata={"step": str(step)})
         atomic_write(path, blob)
         for old in sorted(self.checkpoints.glob("step_*.safetensors"))[:-keep]:
             old.unlink(missing_ok=True)
@@ -123,7 +129,11 @@ class RunDir:
                 best = (step, path)
         return best
 
-    def load_checkpoint(self, path: Path) -> dict[str, torch.Tensor]:
+    def load_checkpoint(self, path: Path, optimizer_state: bool = False) -> dict[str, torch.Tensor]:
+        """The trained matrices; with optimizer_state=True the "optimizer/..." tensors too (adapters.split_state)."""
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        from adapters.optim import PREFIX
+
+        tensors = load_file(str(path))
+        return tensors if optimizer_state else {k: v for k, v in tensors.items() if not k.startswith(PREFIX)}

@@ -14,15 +14,16 @@ from pathlib import Path
 
 import torch
 
-from adapters import Population, noise_epoch, shape_fitness
+from adapters import Optimizer, Population, noise_epoch, shape_fitness
 from adapters.noise import NOISE_VERSION
+from adapters.schedule import scheduled
 from rewards.aio import call_with_timeout
 from rewards.reward_log import RewardLog
 
 from .config import Config
 from .run_dir import RunDir
 from .types import Generation, Sampling, TrainerState
-from .weights import replay_updates
+from .weights import restore_run
 
 
 @dataclass
@@ -38,6 +39,7 @@ class Trainer:
         self.tokenizer = tokenizer if tokenizer is not None else getattr(engine, "tokenizer", None)
         es = config.es
         self.population = Population(es.population, es.rank, es.sigma, es.antithetic)
+        self.optimizer = Optimizer(es.optimizer, es.momentum, es.adam_beta1, es.adam_beta2, es.adam_eps)
         gen_cfg = config.generation
         self.sampling = Sampling(gen_cfg.max_tokens, gen_cfg.temperature, gen_cfg.top_p, es.seed, gen_cfg.ignore_eos)
         self.eval_sampling = Sampling(gen_cfg.max_tokens, 0.0, 1.0, es.seed)
@@ -143,19 +145,35 @@ class Trainer:
                 # Killed between the commit and its metrics line: the replay log holds the rewards.
                 self.log_metrics(_metrics_from_replay(entry))
         if step:
-            ckpt_step, path = self.run.latest_checkpoint(at_most=step)
-            weights = self.run.load_checkpoint(path) if path else self.engine.state_dict()
-            if path is None:
-                ckpt_step = 0
-            replay_updates(weights, self.engine.targets, self.run.replay(), ckpt_step, step)
-            self.engine.load_state_dict(weights)
+            weights = self.engine.state_dict()
+            _, state = restore_run(self.run, self.engine.targets, weights, upto=step)
+            self.engine.load_state_dict(weights, state.tensors() if state is not None else None)
         self.step = step
         return step
 
+    def save_checkpoint(self, step: int) -> None:
+        """The trained matrices and the optimizer state of the same step, in one file."""
+        self.run.save_checkpoint(step, self.engine.state_dict(), optimizer_state=self.engine.optimizer_state())
+
     # -- one step -----------------------------------------------------------------------------
+    def lr(self, step: int) -> float:
+        """es.lr under es.lr_schedule at `step` (1-based) of train.steps."""
+        es = self.config.es
+        return scheduled(es.lr, es.lr_schedule, step, self.config.train.steps, es.lr_min_ratio, es.warmup_steps)
+
+    def sigma(self, step: int) -> float:
+        """es.sigma under es.sigma_schedule; the members' factors depend only on the seed, so any sigma
+        rebuilds them (sigma scales them, and it is in every adapter address and replay line)."""
+        es = self.config.es
+        return scheduled(es.sigma, es.sigma_schedule, step, self.config.train.steps, es.sigma_min_ratio)
+
     def generation(self, step: int) -> Generation:
         es = self.config.es
-        return Generation(self.population, es.seed, noise_epoch(step - 1, es.noise_reuse), step)
+        pop = self.population
+        sigma = self.sigma(step)
+        if sigma != pop.sigma:
+            pop = Population(pop.size, pop.rank, sigma, pop.antithetic)
+        return Generation(pop, es.seed, noise_epoch(step - 1, es.noise_reuse), step)
 
     def train_step(self) -> StepReport:
         step = self.step + 1
@@ -168,9 +186,10 @@ class Trainer:
         scored, (logged, extra) = self.score(rows, prompts, result.completions, step)
         shaped = shape_fitness(scored.matrix, self.config.es.shaping, self.population.size, valid=scored.valid)
         t_update = time.perf_counter()
-        self.engine.apply_update(gen, shaped, self.config.es.lr, self.config.es.scaling)
+        lr = self.lr(step)
+        self.engine.apply_update(gen, shaped, lr, self.config.es.scaling, optimizer=self.optimizer)
         update_seconds = time.perf_counter() - t_update
-        pop = self.population
+        pop = gen.population
         self.run.commit_step(
             {
                 "step": step,
@@ -178,8 +197,9 @@ class Trainer:
                 "epoch": gen.epoch,
                 "noise": NOISE_VERSION,  # the engines draw members and the update with this version
                 "population": {"size": pop.size, "rank": pop.rank, "sigma": pop.sigma, "antithetic": pop.antithetic},
-                "lr": self.config.es.lr,
+                "lr": lr,
                 "scaling": self.config.es.scaling,
+                "optimizer": self.optimizer.record(),
                 "shaped": [float(x) for x in shaped],
                 "rewards": [[_json_float(x) for x in row] for row in scored.matrix.tolist()],
             }
@@ -196,6 +216,8 @@ class Trainer:
             "gen_seconds": result.seconds,
             "gen_tok_s": result.tokens / result.seconds if result.seconds else None,
             "update_seconds": update_seconds,
+            "lr": lr,
+            "sigma": pop.sigma,
         }
         record.update(_lengths(result.completions, self.sampling.max_tokens))
         for name, matrix in scored.per_reward.items():
@@ -203,7 +225,7 @@ class Trainer:
             record[f"reward/{name}"] = float(finite.mean()) if finite.numel() else None
         _add_logged(record, logged, extra, prefix="")
         if step % self.config.train.checkpoint_every == 0 or step == self.config.train.steps:
-            self.run.save_checkpoint(step, self.engine.state_dict())
+            self.save_checkpoint(step)
         if step % self.config.train.eval_every == 0 or step == self.config.train.steps:
             record.update(self.evaluate())
         record.update(getattr(self.engine, "traffic", None) or {})  # bytes between driver and replicas
@@ -341,6 +363,8 @@ _TRAINER_KEYS = frozenset(
         "gen_seconds",
         "gen_tok_s",
         "update_seconds",
+        "lr",
+        "sigma",
         "step_seconds",
         "eval_reward",
         "eval_stderr",

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from adapters import DEFAULT_MODULES, Population, Target
+from adapters import DEFAULT_MODULES, Optimizer, Population, Target
 
 from .sizing import EnginePlan, plan_engine, resolve_dtype
 from .types import Completion, Generation, PopulationResult, Sampling
@@ -157,11 +157,15 @@ class VLLMEngine:
         rows = [flat[k * p : (k + 1) * p] for k in range(len(adapters))]
         return PopulationResult(rows, seconds, sum(len(c.token_ids) for c in flat))
 
-    def apply_update(self, gen: Generation, shaped_fitness, lr: float, scaling: str = "mean") -> str:
+    def apply_update(
+        self, gen: Generation, shaped_fitness, lr: float, scaling: str = "mean", optimizer: Optimizer | None = None
+    ) -> str:
         pop = gen.population
         spec = {"size": pop.size, "rank": pop.rank, "sigma": pop.sigma, "antithetic": pop.antithetic}
         shaped = [float(x) for x in torch.as_tensor(shaped_fitness).reshape(-1)]
-        checksum = self._rpc("es_apply_update", gen.seed, gen.epoch, spec, shaped, lr, scaling)
+        rule = Optimizer.from_record(optimizer)
+        rule = rule.record() if rule.stateful else None
+        checksum = self._rpc("es_apply_update", gen.seed, gen.epoch, spec, shaped, lr, scaling, rule)
         # Prefix-cache entries hold keys and values of the old weights.
         self.llm.reset_prefix_cache()
         return checksum
@@ -169,8 +173,13 @@ class VLLMEngine:
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self._rpc("es_get_weights")
 
-    def load_state_dict(self, weights: dict[str, torch.Tensor]) -> str:
-        checksum = self._rpc("es_set_weights", weights)
+    def optimizer_state(self) -> dict[str, torch.Tensor]:
+        """The optimizer state as flat tensors (adapters.OptimizerState.tensors); empty under sgd."""
+        return self._rpc("es_get_optimizer_state")
+
+    def load_state_dict(self, weights: dict[str, torch.Tensor], optimizer_state: dict | None = None) -> str:
+        """Weights and the optimizer state that goes with them; without one the optimizer starts afresh."""
+        checksum = self._rpc("es_set_weights", weights, optimizer_state)
         self.llm.reset_prefix_cache()
         return checksum
 

@@ -20,7 +20,15 @@ from urllib.parse import parse_qs, urlparse
 
 import torch
 
-from adapters import Population, apply_update, find_targets, member_state_dict, peft_config
+from adapters import (
+    Optimizer,
+    OptimizerState,
+    Population,
+    apply_update,
+    find_targets,
+    member_state_dict,
+    peft_config,
+)
 
 from .weights import read_safetensors
 
@@ -71,6 +79,8 @@ class ESWorkerExtension:
             companions.update(f"{prefix}.{shard}.{kind}" for shard in shards for kind in ("weight", "bias"))
         self._es_targets = targets
         self._es_master = {n: w for n, w in layers.items() if n in trained or n in companions}
+        # Momentum / Adam buffers, float32 next to the masters; rebuilt from seeds and fitness like them.
+        self._es_optim: OptimizerState | None = None
         self._es_cache: dict[str, dict[str, torch.Tensor]] = {}
         self._es_cache_epoch = None
         # A partial reload is the point here: norms and embeddings are frozen, so vLLM's per-merge
@@ -118,23 +128,53 @@ class ESWorkerExtension:
             model_vocab_size=manager.vocab_size,
         )
 
-    def es_apply_update(self, seed: int, epoch: int, pop: dict, shaped: list[float], lr: float, scaling: str) -> str:
+    def es_apply_update(
+        self,
+        seed: int,
+        epoch: int,
+        pop: dict,
+        shaped: list[float],
+        lr: float,
+        scaling: str,
+        optimizer: dict | None = None,
+    ) -> str:
         population = Population(**pop)
-        apply_update(self._es_master, self._es_targets, population, seed, epoch, shaped, lr, scaling)
+        rule = Optimizer.from_record(optimizer)
+        if rule.stateful and self._es_optim is None:
+            self._es_optim = OptimizerState(rule.name)
+        apply_update(
+            self._es_master,
+            self._es_targets,
+            population,
+            seed,
+            epoch,
+            shaped,
+            lr,
+            scaling,
+            optimizer=rule,
+            state=self._es_optim,
+        )
         self._es_push()
         return self.es_checksum()
 
-    def es_set_weights(self, weights: dict[str, torch.Tensor]) -> str:
-        for name, value in weights.items():
+    def es_set_weights(self, weights: dict[str, torch.Tensor], optimizer_state: dict | None = None) -> str:
+        """Trained weights and their optimizer state (without one, the optimizer starts afresh)."""
+        for name in weights:
             if name not in self._es_master:
                 raise KeyError(f"{name} is not a trained weight of this engine")
+        state = OptimizerState.from_tensors(optimizer_state)
+        for name, value in weights.items():
             self._es_master[name].copy_(value)
+        self._es_optim = state
         self._es_push()
         return self.es_checksum()
 
     def es_get_weights(self) -> dict[str, torch.Tensor]:
         trained = {t.param for t in self._es_targets}
         return {k: v.clone() for k, v in self._es_master.items() if k in trained}
+
+    def es_get_optimizer_state(self) -> dict[str, torch.Tensor]:
+        return self._es_optim.tensors() if self._es_optim is not None else {}
 
     def es_kernel(self) -> str:
         """The LoRA path that really served members: "es-c-<dtype>", "es-torch-fallback", "vllm"...
@@ -173,7 +213,13 @@ class ESWorkerExtension:
                 stacked = getattr(module, name, None)
                 for t in [stacked] if isinstance(stacked, torch.Tensor) else stacked or ():
                     slots += t.numel() * t.element_size()
-        return {"member_cache_bytes": cache, "members_cached": len(self._es_cache), "lora_slot_bytes": slots}
+        optim = self._es_optim.nbytes() if self._es_optim is not None else 0
+        return {
+            "member_cache_bytes": cache,
+            "members_cached": len(self._es_cache),
+            "lora_slot_bytes": slots,
+            "optimizer_state_bytes": optim,
+        }
 
     def es_checksum(self) -> str:
         digest = hashlib.sha256()

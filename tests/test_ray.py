@@ -231,6 +231,32 @@ def test_rounding_drift_between_cpu_kinds_is_tolerated_not_resynchronised(engine
         assert float((first[k] - second[k]).abs().max()) <= 8 * scale, k
 
 
+def test_adam_state_is_rebuilt_on_a_joining_replica_and_copied_on_resync(engine, tiny_model_dir, tmp_path):
+    adam = {"es.optimizer": "adam", "es.lr": 0.01}
+    alone = DenseEngine(tiny_model_dir, dtype=torch.float32)
+    base = alone.state_dict()
+    Trainer(_config(**adam, **{"engine.replicas": 1}), tmp_path / "single", alone, Task(), CountReward()).train()
+    engine.load_state_dict(base)
+    engine.updates, engine._drift = 0, 0.0
+    engine.events.clear()
+    ray.get(engine.replicas[1].actor.crash_at_step.remote(3))
+
+    def join_then_corrupt(report):
+        if report.step == 3:
+            engine.admit_joining(block=True)  # from the step-2 checkpoint (with Adam's moments) + step 3's line
+            # Only its Adam moments diverge: step 4's checksum covers them too.
+            ray.get(engine.replicas[1].actor.corrupt.remote(1e-3, optimizer=True))
+
+    Trainer(_config(**adam), tmp_path / "run", engine, Task(), CountReward()).train(on_step=join_then_corrupt)
+    assert [e["event"] for e in engine.events] == ["lost", "join", "resync"]
+    assert (engine.events[1]["checkpoint_step"], engine.events[1]["replayed_steps"]) == (2, 1)
+    # Two replicas, one vote each: the run directory's weights and moments decided.
+    assert "run directory" in engine.events[2]["why"]
+    for replica in engine.replicas:
+        _assert_same(ray.get(replica.actor.state_dict.remote()), alone.state_dict())
+        _assert_same(ray.get(replica.actor.optimizer_state.remote()), alone.optimizer_state())
+
+
 def test_a_replica_killed_mid_step_changes_nothing_and_a_replacement_catches_up(engine, single, tmp_path):
     engine.events.clear()
     ray.get(engine.replicas[1].actor.crash_at_step.remote(3))  # dies inside step 3's generation

@@ -42,7 +42,7 @@ def test_rank_with_ties_averaged():
     assert out.min() == -0.5
 
 
-@pytest.mark.parametrize("method", ["centered", "zscore", "rank"])
+@pytest.mark.parametrize("method", ["centered", "centered_raw", "zscore", "rank"])
 def test_all_equal_fitness_gives_zero(method):
     out = shape_fitness(torch.full((6, 4), 0.7), method)
     assert torch.count_nonzero(out) == 0
@@ -72,5 +72,19 @@ def test_wrong_shape_and_unknown_method():
         shape_fitness(np.zeros((4, 2)), "centered", population=6)
     with pytest.raises(ValueError, match="N or N x P"):
         shape_fitness(np.zeros((2, 2, 2)), "centered")
-    with pytest.raises(ValueError, match="allowed: centered, zscore, rank"):
+    with pytest.raises(ValueError, match="allowed: centered, centered_raw, zscore, rank"):
         shape_fitness(np.zeros(4), "softmax")
+
+
+def test_centered_raw_is_eggroll_vllms_per_prompt_centering_without_the_std_division():
+    # Members x prompts; prompt means 0.5 and 0.5; each member's mean of its centered rewards, by hand.
+    F = [[1.0, 0.0], [0.0, 0.0], [1.0, 1.0], [0.0, 1.0]]
+    np.testing.assert_allclose(shape_fitness(F, "centered_raw").numpy(), [0.0, -0.5, 0.5, 0.0], rtol=0, atol=1e-15)
+    # Rewards on a scale of 10 give 10x the values: the reward's own scale is kept.
+    np.testing.assert_allclose(shape_fitness(np.array(F) * 10, "centered_raw").numpy(), [0, -5, 5, 0], atol=1e-14)
+    # Member 1 unscored on prompt 1: that prompt's mean is over members 0, 2, 3 (2/3).
+    F2 = np.array([[1.0, 0.0], [0.0, np.nan], [1.0, 1.0], [0.0, 1.0]])
+    out = shape_fitness(F2, "centered_raw", valid=~np.isnan(F2)).numpy()
+    np.testing.assert_allclose(out, [-1 / 12, -0.5, 5 / 12, -1 / 12], rtol=1e-12)
+    # eggroll-vllm's --normalize-with-std divides by the std of these values: es-serve's "centered".
+    np.testing.assert_allclose(shape_fitness(F2, "centered", valid=~np.isnan(F2)).numpy(), out / out.std(), rtol=1e-12)

@@ -98,3 +98,62 @@ def test_refuses_to_overwrite_a_run(dense, tmp_path):
     Trainer(_config(**{"train.steps": 1}), tmp_path / "run", dense(), Task(), CountReward()).train()
     with pytest.raises(FileExistsError, match="--resume"):
         Trainer(_config(), tmp_path / "run", dense(), Task(), CountReward()).train()
+
+
+def test_adam_with_schedules_resumes_bitwise_and_rebuilds_from_the_replay_log(dense, tiny_model_dir, tmp_path):
+    from es_serve.weights import MissingOptimizerState
+
+    extra = {
+        "es.optimizer": "adam",
+        "es.lr": 0.01,
+        "es.lr_schedule": "cosine",
+        "es.lr_min_ratio": 0.1,
+        "es.warmup_steps": 1,
+        "es.sigma_schedule": "linear",
+        "es.sigma_min_ratio": 0.5,
+    }
+    config = _config(**extra)
+    straight = Trainer(config, tmp_path / "a", dense(), Task(), CountReward())
+    straight.train()
+    replay = straight.run.replay()
+    # By hand, T = 5: lr warms up in 1 step, then cosine from 0.01 at step 2 to 0.001 at step 5 (p = (t - 2) / 3);
+    # sigma falls linearly from 0.2 to 0.1 (p = (t - 1) / 4).
+    assert [e["lr"] for e in replay] == pytest.approx([0.01, 0.01, 0.00775, 0.00325, 0.001])
+    assert [e["population"]["sigma"] for e in replay] == pytest.approx([0.2, 0.175, 0.15, 0.125, 0.1])
+    assert all(e["optimizer"] == {"name": "adam", "beta1": 0.9, "beta2": 0.999, "eps": 1e-8} for e in replay)
+    final = straight.engine.state_dict()
+    state = straight.engine.optimizer_state()
+    assert int(state["optimizer/adam/step"][0]) == 5
+
+    # Killed during step 4: resumed from the step-2 checkpoint (weights and Adam's moments) plus step 3's line.
+    first = Trainer(config, tmp_path / "b", dense(), Task(), CountReward(fail_on_call=6))
+    with pytest.raises(RuntimeError, match="went away"):
+        first.train()
+    run_b = RunDir(tmp_path / "b")
+    assert run_b.committed_step() == 3 and run_b.latest_checkpoint()[0] == 2
+    saved = run_b.load_checkpoint(run_b.latest_checkpoint()[1], optimizer_state=True)
+    assert int(saved["optimizer/adam/step"][0]) == 2
+    assert "optimizer/adam/step" not in run_b.load_checkpoint(run_b.latest_checkpoint()[1])
+    resumed = Trainer(config, tmp_path / "b", dense(), Task(), CountReward())
+    resumed.train(resume=True)
+    for name, w in final.items():
+        assert torch.equal(resumed.engine.state_dict()[name], w), name
+    resumed_state = resumed.engine.optimizer_state()
+    assert resumed_state.keys() == state.keys()
+    for name, t in state.items():
+        assert torch.equal(resumed_state[name], t), name
+
+    # Without the last checkpoint, the weights come back from step 4's checkpoint and moments plus step 5's line.
+    run_a = RunDir(tmp_path / "a")
+    run_a.latest_checkpoint()[1].unlink()
+    step, rebuilt = trained_weights(run_a, tiny_model_dir, config.es.modules)
+    assert step == 5
+    for name, w in final.items():
+        assert torch.equal(rebuilt[name], w), name
+    # A checkpoint without the moments cannot continue an Adam run: refused, naming the fix.
+    ckpt_step, path = run_a.latest_checkpoint()
+    run_a.save_checkpoint(ckpt_step, run_a.load_checkpoint(path))
+    with pytest.raises(MissingOptimizerState, match="step_000004.safetensors holds no optimizer state.*adam"):
+        trained_weights(run_a, tiny_model_dir, config.es.modules)
+    with pytest.raises(MissingOptimizerState, match="rebuild everything from the replay log"):
+        Trainer(config, tmp_path / "a", dense(), Task(), CountReward()).start(resume=True)

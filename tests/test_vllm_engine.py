@@ -192,3 +192,30 @@ def test_plain_requests_in_a_member_batch_stay_unperturbed(engines):
         else:
             want = dense.generate([PROMPTS[j]], GREEDY, gen, k // 2)[0].token_ids
             assert completion.token_ids == want
+
+
+# Last in this file: it leaves Adam's state in the module's engines.
+def test_adam_merges_match_the_dense_engine_bit_for_bit(engines):
+    from adapters import Optimizer
+
+    engine, dense = engines
+    adam = Optimizer("adam", beta1=0.8, beta2=0.99)
+    base = engine.state_dict()
+    engine.load_state_dict(base)  # fresh optimizer state on both
+    dense.load_state_dict(base)
+    for step in (1, 2):
+        gen = Generation(POP, seed=9, epoch=step, step=step)
+        shaped = shape_fitness(torch.randn(32, 4, generator=torch.Generator().manual_seed(step)), "centered")
+        engine.apply_update(gen, shaped, lr=2e-3, optimizer=adam)
+        dense.apply_update(gen, shaped, lr=2e-3, optimizer=adam)
+    for name, w in engine.state_dict().items():
+        assert not torch.equal(w, base[name]), name
+        torch.testing.assert_close(w, dense.master[name], rtol=0, atol=0)
+    state, reference = engine.optimizer_state(), dense.optimizer_state()
+    assert state.keys() == reference.keys() and int(state["optimizer/adam/step"][0]) == 2
+    for name, t in reference.items():
+        torch.testing.assert_close(state[name], t, rtol=0, atol=0)
+    assert engine.memory()["optimizer_state_bytes"] == 2 * sum(w.numel() * 4 for w in base.values())
+    assert [c.token_ids for c in engine.generate(PROMPTS, GREEDY)] == [
+        c.token_ids for c in dense.generate(PROMPTS, GREEDY)
+    ]

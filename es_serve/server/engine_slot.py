@@ -13,7 +13,7 @@ from ..config import Config
 from ..sizing import resolve_dtype
 
 LOCKED_METHODS = frozenset({"generate", "generate_population", "generate_members", "apply_update"})
-LOCKED_METHODS |= {"state_dict", "load_state_dict", "checksum"}
+LOCKED_METHODS |= {"state_dict", "optimizer_state", "load_state_dict", "checksum"}
 
 
 class Busy(RuntimeError):

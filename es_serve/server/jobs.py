@@ -335,7 +335,7 @@ class JobManager:
         if trainer.step and trainer.run.latest_checkpoint()[0] < trainer.step:
             # The replay log alone would rebuild these weights; a checkpoint makes resuming and serving fast.
             with self.slot.lock:
-                trainer.run.save_checkpoint(trainer.step, engine.state_dict())
+                trainer.save_checkpoint(trainer.step)
         try:
             plot_metrics(trainer.run.metrics(), trainer.run.plot_path, f"{job['model']} on {job['task']} ({job_id})")
         except Exception as exc:  # the plot is a convenience; the metrics are on disk either way

@@ -20,7 +20,9 @@ from urllib.parse import parse_qs, urlparse
 
 import torch
 
-from adapters import Population, apply_update, find_targets, member_state_dict, peft_config
+from adapters import Population, apply_update, find_targets, peft_config
+from adapters.lora import lora_from_factors
+from adapters.noise import NoiseKey, many_factors
 
 from .weights import read_safetensors
 
@@ -81,6 +83,11 @@ class ESWorkerExtension:
         if not hasattr(manager, "_es_original_load"):
             manager._es_original_load = manager._load_adapter
         manager._load_adapter = self._es_load_adapter
+        if not hasattr(manager, "_es_original_apply"):
+            manager._es_original_apply = manager._apply_adapters
+        manager._apply_adapters = self._es_apply_adapters
+        self._es_helper = None
+        self.__dict__.pop("_es_direct", None)  # planned at the first push, for these targets
         self._es_kernel = False
         if kernel == "es":
             from .member_kernel import install
@@ -89,40 +96,123 @@ class ESWorkerExtension:
             self._es_kernel = all([install(w) for w in wrappers])
         return [(t.param, t.layer, t.out_features, t.in_features) for t in targets]
 
+    def _es_apply_adapters(self, requests) -> None:
+        """vLLM's per-engine-step adapter activation, skipped when every requested adapter is in a slot.
+
+        vLLM calls this before every forward pass and, per requested adapter, copies its table of
+        registered adapters and touches two LRU entries: at N = 128 that is hundreds of dict copies per
+        decode step for nothing, since the batch's members were put in slots by `es_prepare` (or by
+        the step that first needed them) and nothing else evicts them. Any missing adapter, or an
+        in-place reload, takes vLLM's own path, which touches every requested one before it evicts.
+        """
+        manager = self.model_runner.lora_manager
+        active = manager._adapter_manager._active_adapters
+        for request in requests:
+            if request and (request.lora_int_id not in active or request.load_inplace):
+                return manager._es_original_apply(requests)
+        return None
+
+    def _es_build(self, paths: list[str]) -> dict[str, dict[str, torch.Tensor]]:
+        """The adapter tensors of the listed members; those not cached yet are drawn in one pass.
+
+        The two members of an antithetic pair share their draw, so it is drawn once. Tensors are kept
+        in vLLM's LoRA dtype, the form its slots take them in, so loading copies without converting.
+        """
+        out = {p: self._es_cache[p] for p in paths if p in self._es_cache}
+        draws: dict[int, dict[tuple[int, int, int], list[tuple[str, int, Population]]]] = {}
+        for path in dict.fromkeys(paths):
+            if path not in out:
+                seed, epoch, member, pop = parse_member_path(path)
+                key = (seed, epoch, pop.draw_of(member))
+                draws.setdefault(pop.rank, {}).setdefault(key, []).append((path, member, pop))
+        targets = self._es_targets
+        dtype = self.model_runner.lora_manager.lora_config.lora_dtype
+        shapes = [(t.out_features, t.in_features) for t in targets]
+        for rank, by_draw in draws.items():
+            keys = [NoiseKey(seed, epoch, draw, t.layer, t.module) for seed, epoch, draw in by_draw for t in targets]
+            factors = iter(many_factors(keys, shapes * len(by_draw), rank))
+            for (seed, epoch, _), members in by_draw.items():
+                pair = [next(factors) for _ in targets]
+                for path, member, pop in members:
+                    tensors = {}
+                    for target, (a, b) in zip(targets, pair, strict=True):
+                        lora_a, lora_b = lora_from_factors(a, b, pop.sign_of(member), pop.sigma)
+                        tensors[f"{target.peft_prefix}.lora_A.weight"] = lora_a.to(dtype)
+                        tensors[f"{target.peft_prefix}.lora_B.weight"] = lora_b.to(dtype)
+                    out[path] = tensors
+                    # One noise epoch is cached: its adapters are rebuilt from here after a merge
+                    # drops vLLM's copies (noise reuse), and the next epoch replaces it.
+                    if self._es_cache_epoch != (seed, epoch):
+                        self._es_cache, self._es_cache_epoch = {}, (seed, epoch)
+                    self._es_cache[path] = tensors
+        return out
+
     def _es_load_adapter(self, request):
         manager = self.model_runner.lora_manager
         if not request.lora_path.startswith(SCHEME):
             return manager._es_original_load(request)
         from vllm.lora.lora_model import LoRAModel
-        from vllm.lora.peft_helper import PEFTHelper
 
-        seed, epoch, member, pop = parse_member_path(request.lora_path)
-        # Adapters of one noise epoch are rebuilt from this cache after a merge drops vLLM's copies.
-        if self._es_cache_epoch != (seed, epoch):
-            self._es_cache, self._es_cache_epoch = {}, (seed, epoch)
-        tensors = self._es_cache.get(request.lora_path)
-        if tensors is None:
-            tensors = member_state_dict(pop, member, self._es_targets, seed, epoch)
-            self._es_cache[request.lora_path] = tensors
-        config = peft_config(pop.rank, sorted({t.module for t in self._es_targets}))
-        config["vllm_max_position_embeddings"] = manager.max_position_embeddings
-        helper = PEFTHelper.from_dict(config)
-        helper.validate_legal(manager.lora_config)
-        # Cloned because vLLM packs and rescales the tensors it is given in place.
+        tensors = self._es_build([request.lora_path])[request.lora_path]
+        _, _, _, pop = parse_member_path(request.lora_path)
+        helper = self._es_peft_helper(pop.rank)
+        # Not copied: with lora_alpha = r vLLM's scaling is 1, so it neither rescales nor converts
+        # these tensors (they are in its dtype already); packing only lists them, and activation
+        # copies them into the slots.
         return LoRAModel.from_lora_tensors(
             lora_model_id=request.lora_int_id,
-            tensors={k: v.clone() for k, v in tensors.items()},
+            tensors=tensors,
             peft_helper=helper,
             device="cpu",
             dtype=manager.lora_config.lora_dtype,
             model_vocab_size=manager.vocab_size,
         )
 
-    def es_apply_update(self, seed: int, epoch: int, pop: dict, shaped: list[float], lr: float, scaling: str) -> str:
+    def _es_peft_helper(self, rank: int):
+        """vLLM's view of a member's adapter config, validated once per rank."""
+        from vllm.lora.peft_helper import PEFTHelper
+
+        cached = self._es_helper
+        if cached is not None and cached[0] == rank:
+            return cached[1]
+        manager = self.model_runner.lora_manager
+        config = peft_config(rank, sorted({t.module for t in self._es_targets}))
+        config["vllm_max_position_embeddings"] = manager.max_position_embeddings
+        helper = PEFTHelper.from_dict(config)
+        helper.validate_legal(manager.lora_config)
+        if helper.lora_alpha / helper.r != 1 or helper.use_rslora:
+            raise AssertionError("member adapters must have LoRA scaling 1: the cached factors are shared with vLLM")
+        self._es_helper = (rank, helper)
+        return helper
+
+    def es_prepare(self, adapters: list[tuple[str, int]]) -> int:
+        """Puts a batch's member adapters into vLLM's slots before its `generate`; returns how many were new.
+
+        All missing members are drawn in one pass (`_es_build`), then activated in one go, so the
+        engine steps of the generate find them resident and skip activation entirely. Adapters
+        already resident are touched first so loading the new ones cannot evict them. Addresses that
+        are not `es://` (the benchmark's PEFT files) are left to vLLM's own loading in the generate.
+        """
+        from vllm.lora.request import LoRARequest
+
+        manager = self.model_runner.lora_manager
+        slots = manager._adapter_manager
+        members = [(path, i) for path, i in dict(adapters).items() if path.startswith(SCHEME)]
+        self._es_build([path for path, i in members if i not in slots._active_adapters])
+        if len(members) > slots.lora_slots:
+            return 0  # more members than slots: vLLM activates them batch by batch as it schedules them
+        resident = [(p, i) for p, i in members if i in slots._active_adapters]
+        missing = [(p, i) for p, i in members if i not in slots._active_adapters]
+        for path, i in resident + missing:
+            manager.add_adapter(LoRARequest(lora_name=path, lora_int_id=i, lora_path=path))
+        return len(missing)
+
+    def es_apply_update(self, seed: int, epoch: int, pop: dict, shaped: list[float], lr: float, scaling: str) -> None:
+        # No checksum here: hashing every master (hundreds of MB) took a sizeable share of a step's
+        # non-generation time, and it is only needed when replicas compare (es_checksum, on request).
         population = Population(**pop)
         apply_update(self._es_master, self._es_targets, population, seed, epoch, shaped, lr, scaling)
         self._es_push()
-        return self.es_checksum()
 
     def es_set_weights(self, weights: dict[str, torch.Tensor]) -> str:
         for name, value in weights.items():
@@ -175,6 +265,12 @@ class ESWorkerExtension:
                     slots += t.numel() * t.element_size()
         return {"member_cache_bytes": cache, "members_cached": len(self._es_cache), "lora_slot_bytes": slots}
 
+    def es_weight_push(self) -> str:
+        """How merged masters reach the model: "direct" (repacked on CPU) or "reload" (vLLM's reload)."""
+        if not hasattr(self, "_es_direct"):
+            self._es_direct = self._es_direct_plan()
+        return "reload" if self._es_direct is None else "direct"
+
     def es_checksum(self) -> str:
         digest = hashlib.sha256()
         for name in sorted(self._es_master):
@@ -183,7 +279,68 @@ class ESWorkerExtension:
         return digest.hexdigest()
 
     def _es_push(self) -> None:
-        self.reload_weights(weights_iterator=iter(list(self._es_master.items())), is_checkpoint_format=True)
+        """Puts the merged masters into the model: repacked directly on CPU, else vLLM's layerwise reload."""
+        if self.es_weight_push() == "reload":
+            self.reload_weights(weights_iterator=iter(list(self._es_master.items())), is_checkpoint_format=True)
+            return
+        from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+        # What vLLM's reload ends in for an unquantized CPU linear layer (its weights cast to the model
+        # dtype, then its GEMM kernel rebuilt), without the layerwise machinery around it: meta
+        # tensors, per-shard loaders and a copy back per layer. LoRA slots do not depend on the base
+        # weights, so resident members stay (vLLM's reload drops them all).
+        for layer, shards in self._es_direct:
+            parts = [self._es_master[name] for name in shards]
+            # A copy even in float32: the masters keep changing in place and must not alias the model.
+            weight = (
+                torch.cat(parts).to(layer.params_dtype)
+                if len(parts) > 1
+                else parts[0].to(layer.params_dtype, copy=True)
+            )
+            layer.weight = torch.nn.Parameter(weight, requires_grad=False)
+            dispatch_cpu_unquantized_gemm(layer, remove_weight=True)
+
+    def _es_direct_plan(self) -> list | None:
+        """(vLLM linear layer, its checkpoint shards in row order) for every touched layer, or None.
+
+        Only where repacking by hand is exactly what vLLM's reload would do: CPU, one tensor-parallel
+        rank, unquantized layers found under the checkpoint's names with the shapes the shards add up to.
+        """
+        from vllm.lora.layers import BaseLayerWithLoRA
+        from vllm.model_executor.layers.linear import UnquantizedLinearMethod
+        from vllm.platforms import current_platform
+
+        if not current_platform.is_cpu():
+            return None
+        model = self.model_runner.get_model()
+        plan, seen = [], set()
+        for t in self._es_targets:
+            prefix = t.param.rsplit(".", 2)[0]
+            fused = FUSED.get(t.module)
+            name = f"{prefix}.{fused}_proj" if fused else f"{prefix}.{t.module}"
+            if name in seen:
+                continue
+            seen.add(name)
+            shards = [f"{prefix}.{shard}.weight" for shard in SHARDS[fused]] if fused else [t.param]
+            try:
+                layer = model.get_submodule(name)
+            except AttributeError:
+                return None
+            if isinstance(layer, BaseLayerWithLoRA):
+                layer = layer.base_layer
+            if (
+                not isinstance(getattr(layer, "quant_method", None), UnquantizedLinearMethod)
+                or getattr(layer, "tp_size", 1) != 1
+                or not hasattr(layer, "cpu_linear")
+                or any(shard not in self._es_master for shard in shards)
+            ):
+                return None
+            rows = sum(self._es_master[shard].shape[0] for shard in shards)
+            cols = {self._es_master[shard].shape[1] for shard in shards}
+            if (rows, cols) != (layer.output_size_per_partition, {layer.input_size_per_partition}):
+                return None
+            plan.append((layer, shards))
+        return plan
 
 
 def worker_extension_name() -> str:

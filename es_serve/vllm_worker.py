@@ -33,6 +33,36 @@ FUSED = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_u
 SHARDS = {"qkv": ("q_proj", "k_proj", "v_proj"), "gate_up": ("gate_proj", "up_proj")}
 
 
+# LoRA layers with a vocabulary-wide table, which ES members never write (they train decoder blocks).
+VOCAB_LORA_LAYERS = ("LogitsProcessorWithLoRA", "VocabParallelEmbeddingWithLoRA")
+
+
+def _skip_clean_resets(module) -> None:
+    """Makes a LoRA layer's `reset_lora` skip a slot that is all zeros since its last reset.
+
+    vLLM zeroes every layer's slot when it activates an adapter that has no weights there; for the
+    logits and embedding layers that is a vocabulary-wide table per member, a third of the time it
+    took to put 32 members into slots. Only `set_lora` writes a slot, so a slot reset and not
+    written since is still zero. Patched on the instance; idempotent.
+    """
+    if getattr(module, "_es_clean_slots", None) is not None:
+        return
+    clean: set[int] = set()
+    module._es_clean_slots = clean
+    reset, write = module.reset_lora, module.set_lora
+
+    def reset_lora(index: int):
+        if index not in clean:
+            reset(index)
+            clean.add(index)
+
+    def set_lora(index: int, *args, **kwargs):
+        clean.discard(index)
+        return write(index, *args, **kwargs)
+
+    module.reset_lora, module.set_lora = reset_lora, set_lora
+
+
 def member_path(seed: int, epoch: int, member: int, pop: Population) -> str:
     """The adapter address of one member; everything needed to rebuild it is in the string."""
     return (
@@ -88,6 +118,9 @@ class ESWorkerExtension:
         manager._apply_adapters = self._es_apply_adapters
         self._es_helper = None
         self.__dict__.pop("_es_direct", None)  # planned at the first push, for these targets
+        for module in manager._adapter_manager.modules.values():
+            if type(module).__name__ in VOCAB_LORA_LAYERS:
+                _skip_clean_resets(module)
         self._es_kernel = False
         if kernel == "es":
             from .member_kernel import install
@@ -119,26 +152,31 @@ class ESWorkerExtension:
         in vLLM's LoRA dtype, the form its slots take them in, so loading copies without converting.
         """
         out = {p: self._es_cache[p] for p in paths if p in self._es_cache}
-        draws: dict[int, dict[tuple[int, int, int], list[tuple[str, int, Population]]]] = {}
+        draws: dict[int, dict[tuple[int, int, int, float], list[tuple[str, int, Population]]]] = {}
         for path in dict.fromkeys(paths):
             if path not in out:
                 seed, epoch, member, pop = parse_member_path(path)
-                key = (seed, epoch, pop.draw_of(member))
+                key = (seed, epoch, pop.draw_of(member), pop.sigma)
                 draws.setdefault(pop.rank, {}).setdefault(key, []).append((path, member, pop))
         targets = self._es_targets
         dtype = self.model_runner.lora_manager.lora_config.lora_dtype
         shapes = [(t.out_features, t.in_features) for t in targets]
         for rank, by_draw in draws.items():
-            keys = [NoiseKey(seed, epoch, draw, t.layer, t.module) for seed, epoch, draw in by_draw for t in targets]
+            keys = [NoiseKey(seed, epoch, draw, t.layer, t.module) for seed, epoch, draw, _ in by_draw for t in targets]
             factors = iter(many_factors(keys, shapes * len(by_draw), rank))
-            for (seed, epoch, _), members in by_draw.items():
+            for (seed, epoch, _, sigma), members in by_draw.items():
                 pair = [next(factors) for _ in targets]
-                for path, member, pop in members:
+                # The members of a pair have the same lora_A and opposite lora_B: laid out once, then
+                # copied or negated (each member owns its tensors, r (m + n) numbers per matrix).
+                plus = [tuple(x.to(dtype) for x in lora_from_factors(a, b, 1, sigma)) for a, b in pair]
+                for k, (path, member, pop) in enumerate(members):
+                    sign = pop.sign_of(member)
                     tensors = {}
-                    for target, (a, b) in zip(targets, pair, strict=True):
-                        lora_a, lora_b = lora_from_factors(a, b, pop.sign_of(member), pop.sigma)
-                        tensors[f"{target.peft_prefix}.lora_A.weight"] = lora_a.to(dtype)
-                        tensors[f"{target.peft_prefix}.lora_B.weight"] = lora_b.to(dtype)
+                    for target, (lora_a, lora_b) in zip(targets, plus, strict=True):
+                        tensors[f"{target.peft_prefix}.lora_A.weight"] = lora_a if k == 0 else lora_a.clone()
+                        tensors[f"{target.peft_prefix}.lora_B.weight"] = (
+                            (lora_b if k == 0 else lora_b.clone()) if sign > 0 else -lora_b
+                        )
                     out[path] = tensors
                     # One noise epoch is cached: its adapters are rebuilt from here after a merge
                     # drops vLLM's copies (noise reuse), and the next epoch replaces it.
@@ -291,12 +329,13 @@ class ESWorkerExtension:
         # weights, so resident members stay (vLLM's reload drops them all).
         for layer, shards in self._es_direct:
             parts = [self._es_master[name] for name in shards]
-            # A copy even in float32: the masters keep changing in place and must not alias the model.
-            weight = (
-                torch.cat(parts).to(layer.params_dtype)
-                if len(parts) > 1
-                else parts[0].to(layer.params_dtype, copy=True)
-            )
+            # Shards converted straight into one tensor of the model dtype (no float32 concatenation
+            # first); a copy even in float32, as the masters keep changing in place.
+            weight = torch.empty(layer.output_size_per_partition, parts[0].shape[1], dtype=layer.params_dtype)
+            row = 0
+            for part in parts:
+                weight[row : row + part.shape[0]].copy_(part)
+                row += part.shape[0]
             layer.weight = torch.nn.Parameter(weight, requires_grad=False)
             dispatch_cpu_unquantized_gemm(layer, remove_weight=True)
 

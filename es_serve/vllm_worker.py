@@ -103,7 +103,7 @@ class ESWorkerExtension:
             companions.update(f"{prefix}.{shard}.{kind}" for shard in shards for kind in ("weight", "bias"))
         self._es_targets = targets
         self._es_master = {n: w for n, w in layers.items() if n in trained or n in companions}
-        self._es_cache: dict[str, dict[str, torch.Tensor]] = {}
+        self._es_cache: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
         self._es_cache_epoch = None
         # A partial reload is the point here: norms and embeddings are frozen, so vLLM's per-merge
         # warnings that they were "not loaded" are expected and would flood the log.
@@ -145,8 +145,8 @@ class ESWorkerExtension:
                 return manager._es_original_apply(requests)
         return None
 
-    def _es_build(self, paths: list[str]) -> dict[str, dict[str, torch.Tensor]]:
-        """The adapter tensors of the listed members; those not cached yet are drawn in one pass.
+    def _es_build(self, paths: list[str]) -> dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+        """(lora_A, lora_B) per vLLM module of the listed members; those not cached are drawn in one pass.
 
         The two members of an antithetic pair share their draw, so it is drawn once. Tensors are kept
         in vLLM's LoRA dtype, the form its slots take them in, so loading copies without converting.
@@ -173,9 +173,9 @@ class ESWorkerExtension:
                     sign = pop.sign_of(member)
                     tensors = {}
                     for target, (lora_a, lora_b) in zip(targets, plus, strict=True):
-                        tensors[f"{target.peft_prefix}.lora_A.weight"] = lora_a if k == 0 else lora_a.clone()
-                        tensors[f"{target.peft_prefix}.lora_B.weight"] = (
-                            (lora_b if k == 0 else lora_b.clone()) if sign > 0 else -lora_b
+                        tensors[target.param.removesuffix(".weight")] = (
+                            lora_a if k == 0 else lora_a.clone(),
+                            (lora_b if k == 0 else lora_b.clone()) if sign > 0 else -lora_b,
                         )
                     out[path] = tensors
                     # One noise epoch is cached: its adapters are rebuilt from here after a merge
@@ -190,21 +190,20 @@ class ESWorkerExtension:
         if not request.lora_path.startswith(SCHEME):
             return manager._es_original_load(request)
         from vllm.lora.lora_model import LoRAModel
+        from vllm.lora.lora_weights import LoRALayerWeights
 
-        tensors = self._es_build([request.lora_path])[request.lora_path]
+        factors = self._es_build([request.lora_path])[request.lora_path]
         _, _, _, pop = parse_member_path(request.lora_path)
         helper = self._es_peft_helper(pop.rank)
-        # Not copied: with lora_alpha = r vLLM's scaling is 1, so it neither rescales nor converts
-        # these tensors (they are in its dtype already); packing only lists them, and activation
-        # copies them into the slots.
-        return LoRAModel.from_lora_tensors(
-            lora_model_id=request.lora_int_id,
-            tensors=tensors,
-            peft_helper=helper,
-            device="cpu",
-            dtype=manager.lora_config.lora_dtype,
-            model_vocab_size=manager.vocab_size,
-        )
+        # Built directly rather than through LoRAModel.from_lora_tensors, which parses every tensor's
+        # PEFT name back into the module name known here already. Not copied: the scaling is 1, so
+        # vLLM neither rescales nor converts them (they are in its dtype); packing only lists them,
+        # and activation copies them into the slots.
+        loras = {
+            module: LoRALayerWeights(module, helper.r, helper.lora_alpha, lora_a, lora_b)
+            for module, (lora_a, lora_b) in factors.items()
+        }
+        return LoRAModel(request.lora_int_id, helper.r, loras)
 
     def _es_peft_helper(self, rank: int):
         """vLLM's view of a member's adapter config, validated once per rank."""
@@ -294,7 +293,12 @@ class ESWorkerExtension:
 
     def es_memory(self) -> dict:
         """Bytes held for members: the seed-built factors cached for this epoch, and vLLM's slots."""
-        cache = sum(t.numel() * t.element_size() for tensors in self._es_cache.values() for t in tensors.values())
+        cache = sum(
+            t.numel() * t.element_size()
+            for factors in self._es_cache.values()
+            for pair in factors.values()
+            for t in pair
+        )
         slots = 0
         for module in self.model_runner.model.modules():
             for name in ("lora_a_stacked", "lora_b_stacked"):

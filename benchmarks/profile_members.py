@@ -1,12 +1,15 @@
 """Where a member generation's time goes beyond pure inference: a cProfile of one ES generation.
 
-One in-process vLLM engine on SmolLM2 times pure inference (N x P requests, no adapter) against
-member generation (the same requests as N fresh members) a few times, then profiles one member
-generation and reports the cumulative time of the pieces that pure inference does not pay: building
-the members' adapters from their seeds, vLLM's per-step adapter activation, and the member kernel.
-The profiler slows Python-heavy parts more than the GEMMs, so read the shares as an upper bound.
+One in-process vLLM engine on SmolLM2 times pure inference (N x P requests, no adapter, no request
+sharing another's cached prompt, as members cannot) against member generation (the same requests as N
+fresh members), interleaved, at each thread count asked for, with the member kernel's own wall time
+(the LoRA term) read from its counters; then it profiles one member generation and reports the
+cumulative time of the pieces that pure inference does not pay: putting the members into vLLM's
+slots (noise draw, vLLM's LoRAModel, activation), vLLM's per-step adapter bookkeeping, and the
+member kernel. The profiler slows Python-heavy parts more than the GEMMs, so read the shares as an
+upper bound.
 
-    python -m benchmarks.profile_members --dtype bfloat16 --json benchmarks/results/profile_members.json
+    python -m benchmarks.profile_members --dtype bfloat16 --threads 1 2 --json benchmarks/results/profile_members.json
 """
 
 from __future__ import annotations
@@ -15,18 +18,23 @@ import argparse
 import cProfile
 import json
 import pstats
+import statistics
 import sys
 import time
 from pathlib import Path
 
-# (label, a substring of "file:line(function)" in the profile) for the pieces reported.
+# (label, file, function) of the pieces reported (cumulative time in the profile).
 PIECES = (
-    ("adapters built from seeds (es loader)", "vllm_worker.py", "_es_load_adapter"),
+    ("members put into slots before the generate (es_prepare)", "vllm_worker.py", "es_prepare"),
+    ("  of which: adapters built from seeds (draw and layout)", "vllm_worker.py", "_es_build"),
     ("  of which: noise draw", "noise.py", "many_factors"),
-    ("  of which: vLLM's LoRAModel.from_lora_tensors", "lora_model.py", "from_lora_tensors"),
-    ("vLLM's per-step adapter activation, loading included", "lora_model_runner_mixin.py", "set_active_loras"),
+    ("  of which: each member's vLLM LoRAModel (es loader)", "vllm_worker.py", "_es_load_adapter"),
+    ("  of which: vLLM's LoRAModel registration", "model_manager.py", "_add_adapter"),
+    ("  of which: vLLM's activation into slots", "model_manager.py", "activate_adapter"),
+    ("vLLM's per-step adapter activation (set_active_loras), loading included", "lora_model_runner_mixin.py",
+     "set_active_loras"),
     ("member kernel calls", "member_kernel.py", "_run"),
-)
+)  # fmt: skip
 
 
 def _cumulative(stats: pstats.Stats, filename: str, function: str) -> float:
@@ -44,10 +52,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, nargs="+", default=[], help="thread counts to time (default: vLLM's)")
     parser.add_argument("--json", default="benchmarks/results/profile_members.json")
     args = parser.parse_args(argv)
     if args.population < 2 or args.population % 2:
         parser.error(f"--population must be an even number >= 2, got {args.population}")
+    if any(t < 1 for t in args.threads):
+        parser.error(f"--threads must be >= 1, got {args.threads}")
+
+    import torch
 
     from adapters import Population
     from benchmarks.throughput import machine
@@ -60,17 +73,42 @@ def main(argv: list[str] | None = None) -> int:
     prompts = [f"What is {a} + {b}?" for a, b in ((3, 4), (10, 7), (8, 15), (2, 19), (6, 6), (1, 9))][: args.prompts]
     sampling = Sampling(max_tokens=args.max_tokens, ignore_eos=True)
     engine.generate(prompts * pop.size, sampling)  # warm-up
-    runs = []
-    for rep in range(args.repeats):
-        # Interleaved, and every member generation in a new noise epoch, as in training.
-        t = time.perf_counter()
-        engine.generate(prompts * pop.size, sampling)
-        pure = time.perf_counter() - t
-        t = time.perf_counter()
-        engine.generate_population(Generation(pop, 0, 1000 + rep, 1), prompts, sampling)
-        members = time.perf_counter() - t
-        runs.append({"pure_s": pure, "members_s": members, "ratio": pure / members})
-        print(f"repeat {rep + 1}: pure {pure:.2f} s, members {members:.2f} s, ratio {pure / members:.3f}")
+    default_threads = torch.get_num_threads()
+    epoch = 1000
+    by_threads = {}
+    for threads in args.threads or [default_threads]:
+        # The engine runs in this process, so torch's thread count is the one its GEMMs and the member
+        # kernel (which reads it every engine step) use.
+        torch.set_num_threads(threads)
+        engine.generate_population(Generation(pop, 0, epoch, 1), prompts, sampling)  # warm-up at this count
+        epoch += 1
+        runs = []
+        for rep in range(args.repeats):
+            # Interleaved, and every member generation in a new noise epoch, as in training.
+            t = time.perf_counter()
+            engine.generate(prompts * pop.size, sampling, share_prefixes=False)
+            pure = time.perf_counter() - t
+            kernel_before = engine.kernel_report()["kernel_seconds"]
+            t = time.perf_counter()
+            engine.generate_population(Generation(pop, 0, epoch, 1), prompts, sampling)
+            members = time.perf_counter() - t
+            kernel = engine.kernel_report()["kernel_seconds"] - kernel_before
+            epoch += 1
+            runs.append(
+                {"pure_s": pure, "members_s": members, "ratio": pure / members, "kernel_s": kernel,
+                 "kernel_share": kernel / members}
+            )  # fmt: skip
+            print(
+                f"{threads} thread(s), repeat {rep + 1}: pure {pure:.2f} s, members {members:.2f} s, "
+                f"ratio {pure / members:.3f}, member kernel {kernel:.3f} s ({100 * kernel / members:.1f} %)",
+                flush=True,
+            )
+        by_threads[str(threads)] = {
+            "runs": runs,
+            "ratio_median": statistics.median(r["ratio"] for r in runs),
+            "kernel_share_median": statistics.median(r["kernel_share"] for r in runs),
+        }
+    torch.set_num_threads(default_threads)
     profile = cProfile.Profile()
     profile.enable()
     engine.generate_population(Generation(pop, 0, 999, 1), prompts, sampling)
@@ -86,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         "population": pop.size,
         "prompts": args.prompts,
         "max_tokens": args.max_tokens,
-        "runs": runs,
+        "threads": by_threads,
+        "profiled_threads": default_threads,
         "profiled_generation_s": total,
         "pieces_s": pieces,
     }

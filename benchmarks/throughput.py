@@ -79,6 +79,14 @@ def table(results: list[dict]) -> str:
             f"- N={r['population']} r={r['rank']} {name}: broken measurement, {why}"
             for name, why in r["broken"].items()
         ]
+        hits = r.get("prefix_cache_hit_tokens")
+        if hits:
+            notes.append(
+                f"- N={r['population']} r={r['rank']}: prompt tokens read from the prefix cache, of "
+                f"{hits['prompt_tokens_per_run']} per run: pure {hits['pure']}, members {hits['es_generation']}; "
+                f"pure inference sharing the repeated prompts ran at {r['pure_shared_prefixes_tok_s']:.0f} tok/s "
+                f"with {hits['pure_shared_prefixes']} cached"
+            )
     return "\n".join(lines) + "\n" + ("\n" + "\n".join(notes) + "\n" if notes else "")
 
 

@@ -20,6 +20,7 @@ import ctypes
 import hashlib
 import logging
 import subprocess
+import time
 from pathlib import Path
 
 import torch
@@ -173,6 +174,7 @@ class KernelStats:
         self.fallback: dict[str, int] = {}
         self.threads = 1  # torch's compute threads in the engine
         self.team = 0  # most threads one kernel call really ran on
+        self.seconds = 0.0  # wall time inside the C kernel: the LoRA term's own cost (benchmarks read it)
 
     def add_fast(self, name: str) -> None:
         self.fast[name] = self.fast.get(name, 0) + 1
@@ -186,6 +188,7 @@ class KernelStats:
             "fallback_calls": dict(self.fallback),
             "threads": self.threads,
             "kernel_threads_max": self.team,
+            "kernel_seconds": self.seconds,
         }
 
 
@@ -202,8 +205,9 @@ def describe(report: dict) -> str:
 
 
 def merge_reports(reports) -> dict:
-    out = {"fast_calls": {}, "fallback_calls": {}, "threads": 1, "kernel_threads_max": 0}
+    out = {"fast_calls": {}, "fallback_calls": {}, "threads": 1, "kernel_threads_max": 0, "kernel_seconds": 0.0}
     for r in reports:
+        out["kernel_seconds"] += r.get("kernel_seconds", 0.0)
         for key in ("fast_calls", "fallback_calls"):
             for k, v in r[key].items():
                 out[key][k] = out[key].get(k, 0) + v
@@ -300,6 +304,7 @@ def _run(plan: LayerPlan, y, x, slots, scale, threads, stats) -> str | None:
     tokens = x.shape[0]
     if tokens * plan.work < PARALLEL_MIN_WORK or not _info.get("threads_ok", False):
         threads = 1
+    start = time.perf_counter()
     rc = lib.es_member_lora(
         plan.code, x.data_ptr(), tokens, plan.width_in, plan.a_ptrs, plan.slot_rank, plan.n_slots, plan.bt_ptrs,
         plan.c_widths,
@@ -308,6 +313,7 @@ def _run(plan: LayerPlan, y, x, slots, scale, threads, stats) -> str | None:
     if rc < 1:
         return "kernel refused its arguments (a slot index past the stacked tensors?)"
     if stats is not None:
+        stats.seconds += time.perf_counter() - start
         stats.add_fast(plan.name)
         stats.team = max(stats.team, rc)
     return None

@@ -70,11 +70,19 @@ class VLLMEngine:
         rows = self._rpc("es_setup", list(modules), lora_kernel)
         self.targets = [Target(layer, param.split(".")[-2], m, n, param) for param, layer, m, n in rows]
         self._lora_ids: dict[str, int] = {}
+        self._salts = 0
+        # Prompt tokens whose keys and values the last `generate` read from vLLM's prefix cache.
+        self.last_cached_tokens = 0
 
     @property
     def lora_kernel(self) -> str:
         """The LoRA path that really ran ("es-c-bf16", "es-torch-fallback", "vllm"; see member_kernel)."""
         return self._rpc("es_kernel")
+
+    @property
+    def weight_push(self) -> str:
+        """How a merge reaches the model: "direct" (CPU layers repacked in place) or "reload" (vLLM's reload)."""
+        return self._rpc("es_weight_push")
 
     def kernel_report(self) -> dict:
         return self._rpc("es_kernel_report")
@@ -115,6 +123,7 @@ class VLLMEngine:
         start = time.perf_counter()
         outputs = self.llm.generate(requests, params, lora_request=loras, use_tqdm=False)
         seconds = time.perf_counter() - start
+        self.last_cached_tokens = sum(o.num_cached_tokens or 0 for o in outputs)
         return [Completion(o.outputs[0].text, list(o.outputs[0].token_ids)) for o in outputs], seconds
 
     def generate(
@@ -123,9 +132,19 @@ class VLLMEngine:
         sampling: Sampling,
         gen: Generation | None = None,
         member: int | None = None,
+        share_prefixes: bool = True,
     ) -> list[Completion]:
-        """Unperturbed model, or one member when `gen` and `member` are given."""
+        """Unperturbed model, or one member when `gen` and `member` are given.
+
+        share_prefixes=False gives every request a cache salt of its own, so no request reuses
+        another's prompt keys and values, as members never can (their adapter is part of the cache
+        key); the benchmark times pure inference this way.
+        """
         requests = [{"prompt_token_ids": self.encode(p)} for p in prompts]
+        if not share_prefixes:
+            for request in requests:
+                self._salts += 1
+                request["cache_salt"] = f"es-request-{self._salts}"
         params = [self._params(sampling, member or 0, j) for j in range(len(prompts))]
         loras = None if gen is None else [self._lora(gen, member)] * len(prompts)
         return self._run(requests, params, loras)[0]
@@ -145,6 +164,10 @@ class VLLMEngine:
 
         The index only picks the sampling seeds; the benchmark's PEFT-file baseline passes its own requests.
         """
+        start = time.perf_counter()
+        # Every member is drawn and put into a slot in one call first, so vLLM's engine steps find them
+        # resident; that time counts as generation time.
+        self._rpc("es_prepare", [(lora.lora_path, lora.lora_int_id) for _, lora in adapters])
         encoded = [self.encode(p) for p in prompts]
         requests, params, loras = [], [], []
         for i, lora in adapters:
@@ -152,23 +175,24 @@ class VLLMEngine:
                 requests.append({"prompt_token_ids": ids})
                 params.append(self._params(sampling, i, j))
                 loras.append(lora)
-        flat, seconds = self._run(requests, params, loras)
+        flat, _ = self._run(requests, params, loras)
+        seconds = time.perf_counter() - start
         p = len(prompts)
         rows = [flat[k * p : (k + 1) * p] for k in range(len(adapters))]
         return PopulationResult(rows, seconds, sum(len(c.token_ids) for c in flat))
 
     def apply_update(
         self, gen: Generation, shaped_fitness, lr: float, scaling: str = "mean", optimizer: Optimizer | None = None
-    ) -> str:
+    ) -> None:
+        """Merges the step into the masters and the model; `checksum()` hashes them when it is wanted."""
         pop = gen.population
         spec = {"size": pop.size, "rank": pop.rank, "sigma": pop.sigma, "antithetic": pop.antithetic}
         shaped = [float(x) for x in torch.as_tensor(shaped_fitness).reshape(-1)]
         rule = Optimizer.from_record(optimizer)
         rule = rule.record() if rule.stateful else None
-        checksum = self._rpc("es_apply_update", gen.seed, gen.epoch, spec, shaped, lr, scaling, rule)
+        self._rpc("es_apply_update", gen.seed, gen.epoch, spec, shaped, lr, scaling, rule)
         # Prefix-cache entries hold keys and values of the old weights.
         self.llm.reset_prefix_cache()
-        return checksum
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self._rpc("es_get_weights")

@@ -20,15 +20,9 @@ from urllib.parse import parse_qs, urlparse
 
 import torch
 
-from adapters import (
-    Optimizer,
-    OptimizerState,
-    Population,
-    apply_update,
-    find_targets,
-    member_state_dict,
-    peft_config,
-)
+from adapters import Optimizer, OptimizerState, Population, apply_update, find_targets, peft_config
+from adapters.lora import lora_from_factors
+from adapters.noise import NoiseKey, many_factors
 
 from .weights import read_safetensors
 
@@ -37,6 +31,36 @@ SCHEME = "es://"
 # checkpoint that stores them fused already, as Phi-3's qkv_proj, is one shard.)
 FUSED = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up", "up_proj": "gate_up"}
 SHARDS = {"qkv": ("q_proj", "k_proj", "v_proj"), "gate_up": ("gate_proj", "up_proj")}
+
+
+# LoRA layers with a vocabulary-wide table, which ES members never write (they train decoder blocks).
+VOCAB_LORA_LAYERS = ("LogitsProcessorWithLoRA", "VocabParallelEmbeddingWithLoRA")
+
+
+def _skip_clean_resets(module) -> None:
+    """Makes a LoRA layer's `reset_lora` skip a slot that is all zeros since its last reset.
+
+    vLLM zeroes every layer's slot when it activates an adapter that has no weights there; for the
+    logits and embedding layers that is a vocabulary-wide table per member, a third of the time it
+    took to put 32 members into slots. Only `set_lora` writes a slot, so a slot reset and not
+    written since is still zero. Patched on the instance; idempotent.
+    """
+    if getattr(module, "_es_clean_slots", None) is not None:
+        return
+    clean: set[int] = set()
+    module._es_clean_slots = clean
+    reset, write = module.reset_lora, module.set_lora
+
+    def reset_lora(index: int):
+        if index not in clean:
+            reset(index)
+            clean.add(index)
+
+    def set_lora(index: int, *args, **kwargs):
+        clean.discard(index)
+        return write(index, *args, **kwargs)
+
+    module.reset_lora, module.set_lora = reset_lora, set_lora
 
 
 def member_path(seed: int, epoch: int, member: int, pop: Population) -> str:
@@ -81,7 +105,7 @@ class ESWorkerExtension:
         self._es_master = {n: w for n, w in layers.items() if n in trained or n in companions}
         # Momentum / Adam buffers, float32 next to the masters; rebuilt from seeds and fitness like them.
         self._es_optim: OptimizerState | None = None
-        self._es_cache: dict[str, dict[str, torch.Tensor]] = {}
+        self._es_cache: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
         self._es_cache_epoch = None
         # A partial reload is the point here: norms and embeddings are frozen, so vLLM's per-merge
         # warnings that they were "not loaded" are expected and would flood the log.
@@ -91,6 +115,14 @@ class ESWorkerExtension:
         if not hasattr(manager, "_es_original_load"):
             manager._es_original_load = manager._load_adapter
         manager._load_adapter = self._es_load_adapter
+        if not hasattr(manager, "_es_original_apply"):
+            manager._es_original_apply = manager._apply_adapters
+        manager._apply_adapters = self._es_apply_adapters
+        self._es_helper = None
+        self.__dict__.pop("_es_direct", None)  # planned at the first push, for these targets
+        for module in manager._adapter_manager.modules.values():
+            if type(module).__name__ in VOCAB_LORA_LAYERS:
+                _skip_clean_resets(module)
         self._es_kernel = False
         if kernel == "es":
             from .member_kernel import install
@@ -99,34 +131,120 @@ class ESWorkerExtension:
             self._es_kernel = all([install(w) for w in wrappers])
         return [(t.param, t.layer, t.out_features, t.in_features) for t in targets]
 
+    def _es_apply_adapters(self, requests) -> None:
+        """vLLM's per-engine-step adapter activation, skipped when every requested adapter is in a slot.
+
+        vLLM calls this before every forward pass and, per requested adapter, copies its table of
+        registered adapters and touches two LRU entries: at N = 128 that is hundreds of dict copies per
+        decode step for nothing, since the batch's members were put in slots by `es_prepare` (or by
+        the step that first needed them) and nothing else evicts them. Any missing adapter, or an
+        in-place reload, takes vLLM's own path, which touches every requested one before it evicts.
+        """
+        manager = self.model_runner.lora_manager
+        active = manager._adapter_manager._active_adapters
+        for request in requests:
+            if request and (request.lora_int_id not in active or request.load_inplace):
+                return manager._es_original_apply(requests)
+        return None
+
+    def _es_build(self, paths: list[str]) -> dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+        """(lora_A, lora_B) per vLLM module of the listed members; those not cached are drawn in one pass.
+
+        The two members of an antithetic pair share their draw, so it is drawn once. Tensors are kept
+        in vLLM's LoRA dtype, the form its slots take them in, so loading copies without converting.
+        """
+        out = {p: self._es_cache[p] for p in paths if p in self._es_cache}
+        draws: dict[int, dict[tuple[int, int, int, float], list[tuple[str, int, Population]]]] = {}
+        for path in dict.fromkeys(paths):
+            if path not in out:
+                seed, epoch, member, pop = parse_member_path(path)
+                key = (seed, epoch, pop.draw_of(member), pop.sigma)
+                draws.setdefault(pop.rank, {}).setdefault(key, []).append((path, member, pop))
+        targets = self._es_targets
+        dtype = self.model_runner.lora_manager.lora_config.lora_dtype
+        shapes = [(t.out_features, t.in_features) for t in targets]
+        for rank, by_draw in draws.items():
+            keys = [NoiseKey(seed, epoch, draw, t.layer, t.module) for seed, epoch, draw, _ in by_draw for t in targets]
+            factors = iter(many_factors(keys, shapes * len(by_draw), rank))
+            for (seed, epoch, _, sigma), members in by_draw.items():
+                pair = [next(factors) for _ in targets]
+                # The members of a pair have the same lora_A and opposite lora_B: laid out once, then
+                # copied or negated (each member owns its tensors, r (m + n) numbers per matrix).
+                plus = [tuple(x.to(dtype) for x in lora_from_factors(a, b, 1, sigma)) for a, b in pair]
+                for k, (path, member, pop) in enumerate(members):
+                    sign = pop.sign_of(member)
+                    tensors = {}
+                    for target, (lora_a, lora_b) in zip(targets, plus, strict=True):
+                        tensors[target.param.removesuffix(".weight")] = (
+                            lora_a if k == 0 else lora_a.clone(),
+                            (lora_b if k == 0 else lora_b.clone()) if sign > 0 else -lora_b,
+                        )
+                    out[path] = tensors
+                    # One noise epoch is cached: its adapters are rebuilt from here after a merge
+                    # drops vLLM's copies (noise reuse), and the next epoch replaces it.
+                    if self._es_cache_epoch != (seed, epoch):
+                        self._es_cache, self._es_cache_epoch = {}, (seed, epoch)
+                    self._es_cache[path] = tensors
+        return out
+
     def _es_load_adapter(self, request):
         manager = self.model_runner.lora_manager
         if not request.lora_path.startswith(SCHEME):
             return manager._es_original_load(request)
         from vllm.lora.lora_model import LoRAModel
+        from vllm.lora.lora_weights import LoRALayerWeights
+
+        factors = self._es_build([request.lora_path])[request.lora_path]
+        _, _, _, pop = parse_member_path(request.lora_path)
+        helper = self._es_peft_helper(pop.rank)
+        # Built directly rather than through LoRAModel.from_lora_tensors, which parses every tensor's
+        # PEFT name back into the module name known here already. Not copied: the scaling is 1, so
+        # vLLM neither rescales nor converts them (they are in its dtype); packing only lists them,
+        # and activation copies them into the slots.
+        loras = {
+            module: LoRALayerWeights(module, helper.r, helper.lora_alpha, lora_a, lora_b)
+            for module, (lora_a, lora_b) in factors.items()
+        }
+        return LoRAModel(request.lora_int_id, helper.r, loras)
+
+    def _es_peft_helper(self, rank: int):
+        """vLLM's view of a member's adapter config, validated once per rank."""
         from vllm.lora.peft_helper import PEFTHelper
 
-        seed, epoch, member, pop = parse_member_path(request.lora_path)
-        # Adapters of one noise epoch are rebuilt from this cache after a merge drops vLLM's copies.
-        if self._es_cache_epoch != (seed, epoch):
-            self._es_cache, self._es_cache_epoch = {}, (seed, epoch)
-        tensors = self._es_cache.get(request.lora_path)
-        if tensors is None:
-            tensors = member_state_dict(pop, member, self._es_targets, seed, epoch)
-            self._es_cache[request.lora_path] = tensors
-        config = peft_config(pop.rank, sorted({t.module for t in self._es_targets}))
+        cached = self._es_helper
+        if cached is not None and cached[0] == rank:
+            return cached[1]
+        manager = self.model_runner.lora_manager
+        config = peft_config(rank, sorted({t.module for t in self._es_targets}))
         config["vllm_max_position_embeddings"] = manager.max_position_embeddings
         helper = PEFTHelper.from_dict(config)
         helper.validate_legal(manager.lora_config)
-        # Cloned because vLLM packs and rescales the tensors it is given in place.
-        return LoRAModel.from_lora_tensors(
-            lora_model_id=request.lora_int_id,
-            tensors={k: v.clone() for k, v in tensors.items()},
-            peft_helper=helper,
-            device="cpu",
-            dtype=manager.lora_config.lora_dtype,
-            model_vocab_size=manager.vocab_size,
-        )
+        if helper.lora_alpha / helper.r != 1 or helper.use_rslora:
+            raise AssertionError("member adapters must have LoRA scaling 1: the cached factors are shared with vLLM")
+        self._es_helper = (rank, helper)
+        return helper
+
+    def es_prepare(self, adapters: list[tuple[str, int]]) -> int:
+        """Puts a batch's member adapters into vLLM's slots before its `generate`; returns how many were new.
+
+        All missing members are drawn in one pass (`_es_build`), then activated in one go, so the
+        engine steps of the generate find them resident and skip activation entirely. Adapters
+        already resident are touched first so loading the new ones cannot evict them. Addresses that
+        are not `es://` (the benchmark's PEFT files) are left to vLLM's own loading in the generate.
+        """
+        from vllm.lora.request import LoRARequest
+
+        manager = self.model_runner.lora_manager
+        slots = manager._adapter_manager
+        members = [(path, i) for path, i in dict(adapters).items() if path.startswith(SCHEME)]
+        self._es_build([path for path, i in members if i not in slots._active_adapters])
+        if len(members) > slots.lora_slots:
+            return 0  # more members than slots: vLLM activates them batch by batch as it schedules them
+        resident = [(p, i) for p, i in members if i in slots._active_adapters]
+        missing = [(p, i) for p, i in members if i not in slots._active_adapters]
+        for path, i in resident + missing:
+            manager.add_adapter(LoRARequest(lora_name=path, lora_int_id=i, lora_path=path))
+        return len(missing)
 
     def es_apply_update(
         self,
@@ -137,7 +255,9 @@ class ESWorkerExtension:
         lr: float,
         scaling: str,
         optimizer: dict | None = None,
-    ) -> str:
+    ) -> None:
+        # No checksum here: hashing every master (hundreds of MB) took a sizeable share of a step's
+        # non-generation time, and it is only needed when replicas compare (es_checksum, on request).
         population = Population(**pop)
         rule = Optimizer.from_record(optimizer)
         if rule.stateful and self._es_optim is None:
@@ -155,7 +275,6 @@ class ESWorkerExtension:
             state=self._es_optim,
         )
         self._es_push()
-        return self.es_checksum()
 
     def es_set_weights(self, weights: dict[str, torch.Tensor], optimizer_state: dict | None = None) -> str:
         """Trained weights and their optimizer state (without one, the optimizer starts afresh)."""
@@ -206,7 +325,12 @@ class ESWorkerExtension:
 
     def es_memory(self) -> dict:
         """Bytes held for members: the seed-built factors cached for this epoch, and vLLM's slots."""
-        cache = sum(t.numel() * t.element_size() for tensors in self._es_cache.values() for t in tensors.values())
+        cache = sum(
+            t.numel() * t.element_size()
+            for factors in self._es_cache.values()
+            for pair in factors.values()
+            for t in pair
+        )
         slots = 0
         for module in self.model_runner.model.modules():
             for name in ("lora_a_stacked", "lora_b_stacked"):
@@ -221,6 +345,12 @@ class ESWorkerExtension:
             "optimizer_state_bytes": optim,
         }
 
+    def es_weight_push(self) -> str:
+        """How merged masters reach the model: "direct" (repacked on CPU) or "reload" (vLLM's reload)."""
+        if not hasattr(self, "_es_direct"):
+            self._es_direct = self._es_direct_plan()
+        return "reload" if self._es_direct is None else "direct"
+
     def es_checksum(self) -> str:
         digest = hashlib.sha256()
         for name in sorted(self._es_master):
@@ -229,7 +359,69 @@ class ESWorkerExtension:
         return digest.hexdigest()
 
     def _es_push(self) -> None:
-        self.reload_weights(weights_iterator=iter(list(self._es_master.items())), is_checkpoint_format=True)
+        """Puts the merged masters into the model: repacked directly on CPU, else vLLM's layerwise reload."""
+        if self.es_weight_push() == "reload":
+            self.reload_weights(weights_iterator=iter(list(self._es_master.items())), is_checkpoint_format=True)
+            return
+        from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+        # What vLLM's reload ends in for an unquantized CPU linear layer (its weights cast to the model
+        # dtype, then its GEMM kernel rebuilt), without the layerwise machinery around it: meta
+        # tensors, per-shard loaders and a copy back per layer. LoRA slots do not depend on the base
+        # weights, so resident members stay (vLLM's reload drops them all).
+        for layer, shards in self._es_direct:
+            parts = [self._es_master[name] for name in shards]
+            # Shards converted straight into one tensor of the model dtype (no float32 concatenation
+            # first); a copy even in float32, as the masters keep changing in place.
+            weight = torch.empty(layer.output_size_per_partition, parts[0].shape[1], dtype=layer.params_dtype)
+            row = 0
+            for part in parts:
+                weight[row : row + part.shape[0]].copy_(part)
+                row += part.shape[0]
+            layer.weight = torch.nn.Parameter(weight, requires_grad=False)
+            dispatch_cpu_unquantized_gemm(layer, remove_weight=True)
+
+    def _es_direct_plan(self) -> list | None:
+        """(vLLM linear layer, its checkpoint shards in row order) for every touched layer, or None.
+
+        Only where repacking by hand is exactly what vLLM's reload would do: CPU, one tensor-parallel
+        rank, unquantized layers found under the checkpoint's names with the shapes the shards add up to.
+        """
+        from vllm.lora.layers import BaseLayerWithLoRA
+        from vllm.model_executor.layers.linear import UnquantizedLinearMethod
+        from vllm.platforms import current_platform
+
+        if not current_platform.is_cpu():
+            return None
+        model = self.model_runner.get_model()
+        plan, seen = [], set()
+        for t in self._es_targets:
+            prefix = t.param.rsplit(".", 2)[0]
+            fused = FUSED.get(t.module)
+            name = f"{prefix}.{fused}_proj" if fused else f"{prefix}.{t.module}"
+            if name in seen:
+                continue
+            seen.add(name)
+            shards = [f"{prefix}.{shard}.weight" for shard in SHARDS[fused]] if fused else [t.param]
+            try:
+                layer = model.get_submodule(name)
+            except AttributeError:
+                return None
+            if isinstance(layer, BaseLayerWithLoRA):
+                layer = layer.base_layer
+            if (
+                not isinstance(getattr(layer, "quant_method", None), UnquantizedLinearMethod)
+                or getattr(layer, "tp_size", 1) != 1
+                or not hasattr(layer, "cpu_linear")
+                or any(shard not in self._es_master for shard in shards)
+            ):
+                return None
+            rows = sum(self._es_master[shard].shape[0] for shard in shards)
+            cols = {self._es_master[shard].shape[1] for shard in shards}
+            if (rows, cols) != (layer.output_size_per_partition, {layer.input_size_per_partition}):
+                return None
+            plan.append((layer, shards))
+        return plan
 
 
 def worker_extension_name() -> str:

@@ -45,10 +45,15 @@ def test_bench_writes_ratios_baselines_table_and_plot(tiny_model_dir, tmp_path):
         else:
             assert row[key] == pytest.approx(row[rate]["median"] / row["pure_tok_s"]["median"])
     assert data["ratio_generation"] == row["ratio_generation"] and data["ratio_step"] == row["ratio_step"]
-    # Members cost r (m + n) float32 numbers per matrix: the cached factors are exactly that, no more.
+    # Members cost r (m + n) numbers per matrix, kept in the model's dtype: the cached factors are
+    # exactly that, no more.
     mem = row["memory"]
     assert mem["members_cached"] == 4
-    assert mem["member_cache_bytes"] == 4 * mem["numbers_per_member"] * 4
+    assert mem["member_cache_bytes"] == 4 * mem["numbers_per_member"] * {"float32": 4, "bfloat16": 2}[dtype]
+    # Pure inference, the ratios' control, reused no cached prompt: members cannot either.
+    hits = row["prefix_cache_hit_tokens"]
+    assert hits["pure"] == 0 and hits["es_generation"] == 0 and hits["prompt_tokens_per_run"] > 0
+    assert row["pure_shared_prefixes_tok_s"] > 0
     assert mem["numbers_per_member"] < mem["numbers_per_member_full_rank"] / 20
     assert mem["peak_rss_bytes"] > 0
     table = out.with_suffix(".md").read_text()

@@ -139,6 +139,8 @@ def test_merge_matches_dense_reference_and_next_generation_sees_it(engines):
     before = engine.checksum()
     gen = Generation(POP, seed=4, epoch=0)
     shaped = shape_fitness(torch.randn(32, 4, generator=torch.Generator().manual_seed(0)), "centered")
+    # On CPU a merge repacks the touched layers directly instead of going through vLLM's reload.
+    assert engine.weight_push == "direct"
     engine.apply_update(gen, shaped, lr=0.5)
     dense.apply_update(gen, shaped, lr=0.5)
     assert engine.checksum() != before
@@ -150,6 +152,59 @@ def test_merge_matches_dense_reference_and_next_generation_sees_it(engines):
     # The same adapters (same noise epoch) now ride on the merged weights.
     again = engine.generate_members([(gen, i) for i in range(6)], PROMPTS, GREEDY)
     assert _tokens(again.completions) == _dense_population(dense, gen, range(6), PROMPTS)
+
+
+def _worker(engine):
+    return engine.llm.llm_engine.model_executor.driver_worker.worker
+
+
+def test_merge_through_vllms_reload_matches_dense_too(engines, monkeypatch):
+    """The path every non-CPU or quantized engine takes: vLLM's own layerwise reload."""
+    engine, dense = engines
+    monkeypatch.setattr(_worker(engine), "_es_direct", None)
+    assert engine.weight_push == "reload"
+    gen = Generation(POP, seed=6, epoch=1)
+    shaped = shape_fitness(torch.randn(32, 4, generator=torch.Generator().manual_seed(1)), "centered")
+    engine.apply_update(gen, shaped, lr=0.5)
+    dense.apply_update(gen, shaped, lr=0.5)
+    for name, w in engine.state_dict().items():
+        torch.testing.assert_close(w, dense.master[name], rtol=0, atol=0)
+    assert [c.token_ids for c in engine.generate(PROMPTS, GREEDY)] == [
+        c.token_ids for c in dense.generate(PROMPTS, GREEDY)
+    ]
+    again = engine.generate_members([(gen, i) for i in range(4)], PROMPTS, GREEDY)
+    assert _tokens(again.completions) == _dense_population(dense, gen, range(4), PROMPTS)
+
+
+def test_members_are_loaded_once_and_engine_steps_skip_adapter_activation(engines, monkeypatch):
+    engine, dense = engines
+    manager = _worker(engine).model_runner.lora_manager
+    loads, activations = [], []
+    load, activate = manager._load_adapter, manager._es_original_apply
+    monkeypatch.setattr(manager, "_load_adapter", lambda request: loads.append(request.lora_int_id) or load(request))
+    monkeypatch.setattr(manager, "_es_original_apply", lambda requests: activations.append(1) or activate(requests))
+    gen = Generation(POP, seed=31, epoch=0)
+    result = engine.generate_population(gen, PROMPTS, GREEDY)
+    # All 32 members were built and put into slots before the generate; none of its engine steps
+    # went through vLLM's per-adapter activation.
+    assert sorted(loads) == sorted(set(loads)) and len(loads) == 32
+    assert activations == []
+    assert _tokens(result.completions[:6]) == _dense_population(dense, gen, range(6), PROMPTS)
+    # A batch that needs adapters not in a slot still takes vLLM's path (here: one new member).
+    engine.generate(PROMPTS[:1], GREEDY, Generation(POP, seed=32, epoch=0), 3)
+    assert activations
+
+
+def test_a_request_with_its_own_cache_salt_reuses_no_cached_prompt(engines):
+    engine, _ = engines
+    prompt = " ".join(f"word{k}" for k in range(60))
+    # Two full KV blocks even with the CPU backend's 128 tokens, and room for the completion.
+    assert 256 <= len(engine.encode(prompt)) <= 500
+    shared = [engine.generate([prompt], GREEDY) for _ in range(2)]
+    shared_hits = engine.last_cached_tokens
+    salted = [engine.generate([prompt], GREEDY, share_prefixes=False) for _ in range(2)]
+    assert shared_hits >= 128 and engine.last_cached_tokens == 0
+    assert [c.token_ids for c in salted[1]] == [c.token_ids for c in shared[0]]
 
 
 def test_load_state_dict_round_trip(engines):

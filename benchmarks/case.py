@@ -85,10 +85,10 @@ class SamePrompts:
 def run_case(spec: dict) -> dict:
     from adapters import Population, shape_fitness
     from es_serve.config import validate
+    from es_serve.engines.vllm_engine import VLLMEngine
     from es_serve.models import resolve_model
     from es_serve.trainer import Trainer
     from es_serve.types import Generation, Sampling
-    from es_serve.vllm_engine import VLLMEngine
     from rewards import get_task, load_reward
 
     from .peers import PeftFileStep, naive_member

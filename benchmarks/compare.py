@@ -316,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     checked = check(args)
     config = checked["config"]
     from benchmarks.throughput import machine
-    from es_serve.sizing import resolve_dtype
+    from es_serve.engines.sizing import resolve_dtype
 
     cpus = pick_cpus(args.threads)
     threads = len(cpus)

@@ -82,7 +82,7 @@ def _summary(seconds: list[float]) -> dict | None:
 def run_es(spec: dict) -> dict:
     from benchmarks.compare_eval import HeldOut, changed_from_checkpoint, peak_rss_bytes
     from es_serve.engines import build_engine
-    from es_serve.sizing import resolve_dtype
+    from es_serve.engines.sizing import resolve_dtype
     from es_serve.trainer import Trainer
 
     config, task, reward, model_dir = _shared(spec)

@@ -41,7 +41,7 @@ def setup(layer: str, dtype: torch.dtype, rank: int, tokens: int, slots: int, se
     from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
     from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
 
-    from es_serve import member_kernel
+    from es_serve.engines import member_kernel
 
     width_in, widths = LAYERS[layer]
     slot_rank = 1 if rank == 1 else 8  # vLLM's max_lora_rank choices: 1, 8, 16, ...
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     import vllm
 
     from benchmarks.throughput import machine
-    from es_serve import member_kernel
+    from es_serve.engines import member_kernel
 
     rows = []
     for layer in args.layer:

@@ -64,9 +64,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from adapters import Population
     from benchmarks.throughput import machine
+    from es_serve.engines.vllm_engine import VLLMEngine
     from es_serve.models import resolve_model
     from es_serve.types import Generation, Sampling
-    from es_serve.vllm_engine import VLLMEngine
 
     pop = Population(args.population, 1, 5e-3)
     engine = VLLMEngine(resolve_model("smollm2-135m"), pop, args.prompts, args.max_tokens, dtype=args.dtype)

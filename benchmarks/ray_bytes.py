@@ -53,7 +53,7 @@ def _config(population: int, prompts: int, tokens: int, steps: int):
 
 
 def measure(model_dir: Path, population: int, prompts: int, tokens: int, steps: int, run_dir: Path) -> dict:
-    from es_serve.ray_engine import RayEngine
+    from es_serve.engines.ray_engine import RayEngine
     from es_serve.trainer import Trainer
     from rewards import get_task, load_reward
 

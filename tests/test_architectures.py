@@ -10,7 +10,7 @@ import torch
 
 from adapters import Population, shape_fitness
 from adapters.noise import NOISE_VERSION
-from es_serve.dense import DenseEngine
+from es_serve.engines.dense import DenseEngine
 from es_serve.types import Generation, Sampling
 
 pytestmark = pytest.mark.vllm
@@ -24,8 +24,8 @@ POP = Population(size=8, rank=2, sigma=0.3)
 
 @pytest.fixture(scope="module", params=ARCHITECTURES)
 def arch(request, tmp_path_factory):
+    from es_serve.engines.vllm_engine import VLLMEngine
     from es_serve.tiny_model import build_tiny_model
-    from es_serve.vllm_engine import VLLMEngine
 
     path = build_tiny_model(tmp_path_factory.mktemp(request.param), request.param)
     # float32 in vLLM so greedy tokens can be compared exactly with the float64 reference.

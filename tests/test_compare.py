@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from es_serve.sizing import resolve_dtype
+from es_serve.engines.sizing import resolve_dtype
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 

@@ -11,7 +11,7 @@ import torch
 from adapters import Population, shape_fitness
 from adapters.noise import NOISE_VERSION
 from es_serve.config import Config
-from es_serve.dense import DenseEngine
+from es_serve.engines.dense import DenseEngine
 from es_serve.export import export_run
 from es_serve.run_dir import RunDir
 from es_serve.types import Generation, Sampling

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from adapters import Population, member_lora, write_peft_adapter
-from es_serve.dense import DenseEngine
+from es_serve.engines.dense import DenseEngine
 from es_serve.types import Generation, Sampling
 
 

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from es_serve import member_kernel
-from es_serve.member_kernel import KernelStats, describe, member_lora, member_lora_torch
+from es_serve.engines import member_kernel
+from es_serve.engines.member_kernel import KernelStats, describe, member_lora, member_lora_torch
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # Unit roundoff u = eps / 2 of each dtype: one rounding moves a value by at most u times itself.

@@ -84,7 +84,7 @@ def reference(model_dir):
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from vllm import LLM
 
-    from es_serve.sizing import resolve_dtype
+    from es_serve.engines.sizing import resolve_dtype
 
     llm = LLM(
         model=str(model_dir),

@@ -21,7 +21,7 @@ def dense(tmp_path_factory):
 def test_dense_greedy_completion_matches_transformers(dense):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from es_serve.sizing import resolve_dtype
+    from es_serve.engines.sizing import resolve_dtype
 
     client, model_dir = dense
     r = client.post(

@@ -14,9 +14,9 @@ ray = pytest.importorskip("ray")
 from fakes import CountReward, Task  # noqa: E402
 
 from es_serve.config import ConfigError, load_config  # noqa: E402
-from es_serve.dense import DenseEngine  # noqa: E402
-from es_serve.ray_engine import RayEngine, connect, split, start_local_ray  # noqa: E402
-from es_serve.ray_replica import drift_per_update, weights_checksum, weights_fingerprint, within_drift  # noqa: E402
+from es_serve.engines.dense import DenseEngine  # noqa: E402
+from es_serve.engines.ray_engine import RayEngine, connect, split, start_local_ray  # noqa: E402
+from es_serve.engines.ray_replica import drift_per_update, weights_checksum, weights_fingerprint, within_drift  # noqa: E402
 from es_serve.run_dir import RunDir  # noqa: E402
 from es_serve.trainer import Trainer  # noqa: E402
 

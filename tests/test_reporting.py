@@ -8,7 +8,7 @@ import torch
 from fakes import CountReward, Task
 
 from es_serve.config import ConfigError, load_config
-from es_serve.dense import DenseEngine
+from es_serve.engines.dense import DenseEngine
 from es_serve.reporting import report_names
 from es_serve.trainer import Trainer
 

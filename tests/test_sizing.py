@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from adapters import Population
-from es_serve.sizing import HostMemory, check_replicas_fit, host_memory, plan_engine
+from es_serve.engines.sizing import HostMemory, check_replicas_fit, host_memory, plan_engine
 
 GIB = 1 << 30
 

@@ -8,7 +8,7 @@ import torch
 
 import adapters.lora
 from adapters import NoiseKey, Population, Target, find_targets, member_lora, pair_factors
-from es_serve.dense import reference_delta
+from es_serve.engines.dense import reference_delta
 from es_serve.models import SUPPORTED_ARCHITECTURES, resolve_model
 
 HIDDEN, Q, KV, INTER = 128, 128, 64, 256

@@ -5,7 +5,7 @@ import torch
 from fakes import CountReward, Task
 
 from es_serve.config import load_config
-from es_serve.dense import DenseEngine
+from es_serve.engines.dense import DenseEngine
 from es_serve.export import trained_weights
 from es_serve.run_dir import RunDir
 from es_serve.trainer import Trainer

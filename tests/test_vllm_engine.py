@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from adapters import Population, shape_fitness
-from es_serve.dense import DenseEngine
+from es_serve.engines.base import Engine
+from es_serve.engines.dense import DenseEngine
 from es_serve.types import Generation, Sampling
 
 pytestmark = pytest.mark.vllm
@@ -16,7 +17,7 @@ POP = Population(size=32, rank=1, sigma=0.3)
 
 @pytest.fixture(scope="module")
 def engines(tiny_model_dir):
-    from es_serve.vllm_engine import VLLMEngine
+    from es_serve.engines.vllm_engine import VLLMEngine
 
     # float32 in vLLM so greedy tokens can be compared exactly with the float64 reference.
     engine = VLLMEngine(tiny_model_dir, POP, len(PROMPTS), GREEDY.max_tokens, dtype="float32", memory_fraction=0.15)
@@ -35,8 +36,8 @@ def test_auto_dtype_members_match_the_float64_reference(tiny_model_dir):
     perturbation moves (a missing, misplaced or mis-scaled LoRA term is as large as that), and vLLM's
     greedy choice is the float64 argmax or within the bf16 error of it.
     """
-    from es_serve.sizing import resolve_dtype
-    from es_serve.vllm_engine import VLLMEngine
+    from es_serve.engines.sizing import resolve_dtype
+    from es_serve.engines.vllm_engine import VLLMEngine
 
     members = 8
     pop = Population(size=members, rank=1, sigma=0.3)
@@ -109,6 +110,7 @@ def test_whole_population_in_one_generate_call_matches_dense_members(engines, mo
 
 
 def test_unperturbed_generation_matches_dense(engines):
+    assert all(isinstance(e, Engine) for e in engines), "an engine lacks part of es_serve.engines.base.Engine"
     engine, dense = engines
     assert [c.token_ids for c in engine.generate(PROMPTS, GREEDY)] == [
         c.token_ids for c in dense.generate(PROMPTS, GREEDY)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from adapters import Population, shape_fitness
-from es_serve.dense import DenseEngine
+from es_serve.engines.dense import DenseEngine
 from es_serve.types import Generation, Sampling
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -22,7 +22,7 @@ def smollm2():
 
 @pytest.fixture(scope="module")
 def engines(smollm2):
-    from es_serve.vllm_engine import VLLMEngine
+    from es_serve.engines.vllm_engine import VLLMEngine
 
     engine = VLLMEngine(smollm2, POP, 2, GREEDY.max_tokens, dtype="float32", memory_fraction=0.2)
     dense = DenseEngine(smollm2, dtype=torch.float64)

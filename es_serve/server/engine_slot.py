@@ -10,7 +10,7 @@ import threading
 from pathlib import Path
 
 from ..config import Config
-from ..sizing import resolve_dtype
+from ..engines.sizing import resolve_dtype
 
 LOCKED_METHODS = frozenset({"generate", "generate_population", "generate_members", "apply_update"})
 LOCKED_METHODS |= {"state_dict", "optimizer_state", "load_state_dict", "checksum"}

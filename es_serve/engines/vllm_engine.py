@@ -15,8 +15,8 @@ import torch
 
 from adapters import DEFAULT_MODULES, Optimizer, Population, Target
 
+from ..types import Completion, Generation, PopulationResult, Sampling
 from .sizing import EnginePlan, plan_engine, resolve_dtype
-from .types import Completion, Generation, PopulationResult, Sampling
 from .vllm_worker import member_path, worker_extension_name
 
 

@@ -29,9 +29,9 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-from .config import Config, ConfigError
+from ..config import Config, ConfigError
+from ..types import Completion, Generation, PopulationResult, Sampling
 from .ray_replica import MAX_DRIFT, Replica, drift_per_update, weights_checksum, within_drift
-from .types import Completion, Generation, PopulationResult, Sampling
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +161,7 @@ class RayEngine:
         local = eng.ray_address in (None, "", "local")
         if local and eng.kind == "vllm" and not (eng.replica_gpus or 0):
             # Replicas start concurrently and each checks only itself; together they share one node.
-            from .engines import plan_for
+            from ..engines import plan_for
             from .sizing import check_replicas_fit
 
             check_replicas_fit(plan_for(config, model_dir), eng.replicas)
@@ -449,7 +449,7 @@ class RayEngine:
             return None
         from adapters import OptimizerState, apply_update
 
-        from .weights import base_weights, restore_run
+        from ..weights import base_weights, restore_run
 
         targets, weights = base_weights(self.model_dir, self.config.es.modules)
         step, state = restore_run(self.run, targets, weights)

@@ -27,7 +27,7 @@ from adapters import (
     pair_factors,
 )
 
-from .types import Completion, Generation, PopulationResult, Sampling
+from ..types import Completion, Generation, PopulationResult, Sampling
 
 
 def reference_delta(pop: Population, member: int, target: Target, seed: int, epoch: int) -> torch.Tensor:

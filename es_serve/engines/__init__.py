@@ -1,4 +1,10 @@
-"""Builds the configured engine for a run: one in this process, or replicas on a Ray cluster."""
+"""Engines: what generates a population and merges its update.
+
+`base.Engine` is the interface; `vllm_engine` (with `vllm_worker`, the code loaded into vLLM's worker,
+and `member_kernel`, the CPU LoRA kernel) is the product, `dense` the reference, `ray_engine` /
+`ray_replica` spread either over a cluster, and `sizing` fits a vLLM engine to the machine. This module
+builds the configured one: in this process, or replicas on a Ray cluster.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +12,15 @@ from pathlib import Path
 
 from adapters import Population
 
-from .config import Config
+from ..config import Config
+from .base import Engine
 
 
 def uses_ray(config: Config) -> bool:
     return config.engine.replicas > 1 or bool(config.engine.ray_address)
 
 
-def build_engine(config: Config, model_dir: Path):
+def build_engine(config: Config, model_dir: Path) -> Engine:
     if uses_ray(config):
         from .ray_engine import RayEngine
 
@@ -21,7 +28,7 @@ def build_engine(config: Config, model_dir: Path):
     return build_local_engine(config, model_dir)
 
 
-def build_local_engine(config: Config, model_dir: Path):
+def build_local_engine(config: Config, model_dir: Path) -> Engine:
     """The engine of one process; a Ray replica builds its engine with this too."""
     es = config.es
     pop = Population(es.population, es.rank, es.sigma, es.antithetic)
@@ -50,7 +57,7 @@ def build_local_engine(config: Config, model_dir: Path):
 
 
 def plan_for(config: Config, model_dir: Path):
-    """The sizing a vLLM engine built from `config` will use (es_serve.sizing.plan_engine)."""
+    """The sizing a vLLM engine built from `config` will use (es_serve.engines.sizing.plan_engine)."""
     from .sizing import plan_engine, resolve_dtype
 
     es = config.es

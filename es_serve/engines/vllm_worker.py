@@ -24,7 +24,7 @@ from adapters import Optimizer, OptimizerState, Population, apply_update, find_t
 from adapters.lora import lora_from_factors
 from adapters.noise import NoiseKey, many_factors
 
-from .weights import read_safetensors
+from ..weights import read_safetensors
 
 SCHEME = "es://"
 # vLLM fuses these projections into one layer; a reload must supply every shard of a fused layer. (A

@@ -20,7 +20,7 @@ import torch
 
 from adapters import Population, merge_tolerance
 
-from .types import Generation, PopulationResult, Sampling
+from ..types import Generation, PopulationResult, Sampling
 
 
 def weights_checksum(weights: dict[str, torch.Tensor]) -> str:
@@ -81,15 +81,15 @@ class Replica:
     """Wrapped with `ray.remote` by the driver; each instance owns one engine (vLLM or dense)."""
 
     def __init__(self, config: dict, model_dir: str):
-        from .config import validate
-        from .engines import build_local_engine
+        from ..config import validate
+        from ..engines import build_local_engine
 
         self.config = validate(config)
         path = Path(model_dir)
         if not (path / "config.json").is_file():
             # Another node: the driver's path does not exist here, so resolve the model name locally
             # (known names are fetched or converted into this node's cache).
-            from .models import resolve_model
+            from ..models import resolve_model
 
             path = resolve_model(self.config.model.name)
         self.engine = build_local_engine(self.config, path)
@@ -167,7 +167,7 @@ class Replica:
         replay log after it; `after` is the checkpoint's step (0 without one)."""
         from adapters import split_state
 
-        from .weights import replay_with_state
+        from ..weights import replay_with_state
 
         weights = self.engine.state_dict()
         state = None

@@ -18,9 +18,11 @@ import sys
 import time
 from pathlib import Path
 
-# Steps, evaluation and checkpoint periods are the budget's business here, not the configuration's.
+# Evaluation and checkpoint periods are the budget's business here, not the configuration's. train.steps
+# stays: es-serve's lr schedule is laid out over it, so its run ends at the budget or when the schedule
+# does, whichever comes first.
 NEVER = 10**9
-FORCED = [f"train.steps={NEVER}", f"train.eval_every={NEVER}", f"train.checkpoint_every={NEVER}"]
+FORCED = [f"train.eval_every={NEVER}", f"train.checkpoint_every={NEVER}"]
 
 
 def _pin(spec: dict) -> None:
@@ -114,7 +116,7 @@ def run_es(spec: dict) -> dict:
     setup_seconds = time.perf_counter() - started
     evals, steps = [evaluate()], []
     budget.clock.start()
-    while not budget.over():
+    while not budget.over() and trainer.step < trainer.config.train.steps:
         record = trainer.train_step().record
         steps.append({k: record.get(k) for k in ("step", "reward_mean", "gen_tokens", "gen_seconds", "step_seconds")})
         steps[-1]["train_minutes"] = budget.clock.seconds() / 60
@@ -144,6 +146,7 @@ def run_es(spec: dict) -> dict:
             "engine": config.engine.model_dump(),
         },
         "steps": trainer.step,
+        "stopped_by": "budget" if budget.over() else "train.steps",
         "completions": counted["completions"],
         "gen_tokens": gen_tokens,
         "gen_seconds": gen_seconds,
@@ -169,7 +172,7 @@ def _clock(budget: Budget, evals: list[dict]) -> dict:
 # What TRL's defaults leave open and a wall-clock budget on a CPU decides.
 GRPO_FIXED = {
     # The number of steps a budget allows is unknown in advance, so the default linear decay to zero
-    # at max_steps would never get anywhere; es-serve's lr is constant too.
+    # at max_steps would never get anywhere.
     "lr_scheduler_type": "constant",
     # Memory is not what limits a small model on a CPU; recomputing activations would cost ~20 % of every step.
     "gradient_checkpointing": False,

@@ -114,7 +114,7 @@ def export_run(
         raise ValueError(f"--max-shard-size {max_shard_size!r} is not a size: use bytes or e.g. 500MB, 2GB, 1GiB")
     if push_to:
         check_push_target(push_to, out_dir)
-    config = load_config(run.config_path)
+    config = load_config(run.config_path, saved_run=True)
     model_dir = resolve_model(config.model.name)
     step, trained = trained_weights(run, model_dir, config.es.modules)
     dtype = _stored_dtype(model_dir, trained)

@@ -186,8 +186,8 @@ def _load(args):
         run = RunDir(args.resume)
         if not run.exists():
             raise ConfigError(f"--resume {args.resume}: no run there (config.toml is missing)")
-        saved = load_config(run.config_path)
-        config = load_config(run.config_path, args.overrides)
+        saved = load_config(run.config_path, saved_run=True)
+        config = load_config(run.config_path, args.overrides, saved_run=True)
         # reward.timeout_s does not change what a step computes, so a resume may raise it.
         changed = [
             k

@@ -58,3 +58,16 @@ def test_shipped_launch_configs_are_valid():
     assert configs
     for path in configs:
         load_config(path)
+
+
+def test_a_run_saved_before_lr_schedules_resumes_with_a_constant_lr(tmp_path):
+    # A fresh config gets the main job's cosine decay; a run directory written before the key existed
+    # trained every step at es.lr and must go on doing so.
+    assert load_config().es.lr_schedule == "cosine"
+    saved = tmp_path / "config.toml"
+    saved.write_text("[es]\npopulation = 16\nlr = 0.01\n[train]\nsteps = 40\n")
+    assert load_config(saved, saved_run=True).es.lr_schedule == "constant"
+    assert load_config(saved).es.lr_schedule == "cosine"
+    explicit = tmp_path / "explicit.toml"
+    explicit.write_text('[es]\nlr_schedule = "linear"\n')
+    assert load_config(explicit, saved_run=True).es.lr_schedule == "linear"

@@ -46,11 +46,14 @@ class ScriptedEngine:
     def generate(self, prompts, sampling):
         return [Completion(*SCRIPT[0]) for _ in prompts]
 
-    def apply_update(self, gen, shaped, lr, scaling):
+    def apply_update(self, gen, shaped, lr, scaling, optimizer=None):
         self.updates.append(shaped)
 
     def state_dict(self):
         return {"w": torch.zeros(1)}
+
+    def optimizer_state(self):
+        return {}
 
 
 SEEN = []

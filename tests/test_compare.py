@@ -62,6 +62,8 @@ def compared(unsure_model, tmp_path_factory):
         f"task.prompts_per_step={PROMPTS_PER_STEP}",
         "es.sigma=0.05",
         "es.lr=0.05",
+        # More steps than the budget allows, so es-serve's run ends at the budget, as GRPO's does.
+        "train.steps=100000",
         "engine.memory_fraction=0.15",
         f"reward.fn={tmp / 'varied.py'}:distinct_characters",
     ]
@@ -126,6 +128,8 @@ def test_counts_budget_and_evaluation_schedule(compared):
         ends = [s["train_minutes"] * 60 for s in run["step_records"]]
         assert len(ends) == run["steps"], name
         assert (ends[-2] if len(ends) > 1 else 0.0) < budget <= run["train_seconds"], name
+        if run["method"] == "es-serve":
+            assert run["stopped_by"] == "budget", name
         # Evaluation is off the clock: at 0, at each period crossed inside the budget, and at the end.
         minutes = [p["minutes"] for p in run["evals"]]
         assert minutes[0] == 0 and minutes == sorted(minutes), name

@@ -230,6 +230,15 @@ def parse_override(item: str) -> tuple[list[str], object]:
     return key.strip().split("."), value
 
 
+def saved_before_schedules(data: dict) -> dict:
+    """A run's or job's saved configuration: one written before lr schedules existed trained every step at
+    es.lr, so it keeps that on resume and export rather than switching to today's default halfway through."""
+    es = data.get("es")
+    if isinstance(es, dict) and "lr_schedule" not in es:
+        data = {**data, "es": {**es, "lr_schedule": "constant"}}
+    return data
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = (), saved_run: bool = False) -> Config:
     """A TOML file plus `--set` overrides. saved_run: the file is a run directory's config.toml."""
     data: dict = {}
@@ -241,10 +250,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), saved
             data = tomllib.loads(path.read_text())
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path} is not valid TOML: {exc}") from None
-    if saved_run and isinstance(data.get("es"), dict) and "lr_schedule" not in data["es"]:
-        # Written before lr schedules existed, when every step used es.lr: keep that on resume and
-        # export rather than giving the run today's default schedule halfway through.
-        data["es"]["lr_schedule"] = "constant"
+    if saved_run:
+        data = saved_before_schedules(data)
     for item in overrides:
         keys, value = parse_override(item)
         node = data

@@ -71,3 +71,15 @@ def test_a_run_saved_before_lr_schedules_resumes_with_a_constant_lr(tmp_path):
     explicit = tmp_path / "explicit.toml"
     explicit.write_text('[es]\nlr_schedule = "linear"\n')
     assert load_config(explicit, saved_run=True).es.lr_schedule == "linear"
+
+
+def test_a_job_record_saved_before_lr_schedules_keeps_a_constant_lr():
+    from es_serve.config import Config, saved_before_schedules
+
+    # The server stores a job's full config at submission; one written before the key existed lacks it.
+    old = Config().model_dump(mode="json", exclude_none=True)
+    del old["es"]["lr_schedule"]
+    assert Config.model_validate(saved_before_schedules(old)).es.lr_schedule == "constant"
+    assert "lr_schedule" not in old["es"]  # the record itself is not rewritten
+    new = Config().model_dump(mode="json", exclude_none=True)
+    assert Config.model_validate(saved_before_schedules(new)).es.lr_schedule == "cosine"

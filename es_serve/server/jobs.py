@@ -16,7 +16,7 @@ import time
 from collections import deque
 from pathlib import Path
 
-from ..config import Config
+from ..config import Config, saved_before_schedules
 from ..run_dir import RunDir, atomic_write
 from .engine_slot import EngineSlot, LockedEngine
 from .settings import ServerSettings
@@ -263,7 +263,7 @@ class JobManager:
             return
         if self.cancel_requested(job_id):
             return self._cancelled(job_id, "before it started")
-        config = Config.model_validate(job["config"])
+        config = Config.model_validate(saved_before_schedules(job["config"]))
         task = job_task(config, self.settings)
         reward = load_job_reward(config, task, self.settings)
         model_dir = resolve_model(config.model.name)

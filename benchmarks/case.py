@@ -24,6 +24,7 @@ measurement and is reported as such (see `flag_broken`), never as a ratio.
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -58,6 +59,36 @@ def flag_broken(method: list[float], pure: list[float]) -> str | None:
             f"(max {max(pure):.0f}) on the same engine: the engine or the machine changed between runs"
         )
     return None
+
+
+def lora_share(pure_tok_s: float, generation_tok_s: float) -> float:
+    """The fraction of member-generation time spent on top of pure inference for the same tokens.
+
+    1 - t_pure / t_generation over the medians, i.e. 1 - generation rate / pure rate (1 - ratio_generation):
+    0 when members cost nothing over pure inference, 0.25 when a quarter of their time is the LoRA term
+    and the adapters' upkeep.
+    """
+    return 1.0 - generation_tok_s / pure_tok_s
+
+
+def engine_threads(worker) -> dict:
+    """Run inside the process that runs the model: the compute threads and CPUs it really got."""
+    import torch
+
+    return {"torch_threads": torch.get_num_threads(), "cpus": sorted(os.sched_getaffinity(0))}
+
+
+def pin(cpus: list[int]) -> None:
+    """Confines this process (and the engine it starts) to `cpus`, one compute thread on each.
+
+    Must run before the engine starts: vLLM's CPU GEMMs bind their threads then, and setting torch's
+    thread count later does not change them. VLLM_CPU_OMP_THREADS_BIND and OMP_NUM_THREADS (set by the
+    parent) cover an engine started in a worker process of its own.
+    """
+    import torch
+
+    os.sched_setaffinity(0, cpus)
+    torch.set_num_threads(len(cpus))
 
 
 def peak_rss_bytes() -> int:
@@ -105,10 +136,14 @@ def run_case(spec: dict) -> dict:
         }
     )
     model_dir = resolve_model(spec["model"])
+    if spec.get("cpus"):
+        pin(spec["cpus"])
     pop = Population(n, rank, spec["sigma"])
     engine = VLLMEngine(
         model_dir, pop, p, tokens, dtype=spec.get("dtype", "auto"), memory_fraction=spec["memory_fraction"]
     )
+    # Read back from the model's process after the engine started, not echoed from the request.
+    ran_on = engine.llm.collective_rpc(engine_threads)[0]
     task = get_task("arithmetic")
     reward = load_reward(task.default_reward)
     run = tempfile.mkdtemp(prefix="es-bench-run-")
@@ -202,6 +237,9 @@ def run_case(spec: dict) -> dict:
 
     return {
         **{k: spec[k] for k in ("population", "rank", "prompts", "max_tokens", "repeats")},
+        "threads": ran_on["torch_threads"],
+        "threads_requested": len(spec["cpus"]) if spec.get("cpus") else None,
+        "cpus": ran_on["cpus"],
         "dtype": engine.dtype,
         "kernel": kernel,
         "kernel_report": kernel_report,
@@ -218,6 +256,7 @@ def run_case(spec: dict) -> dict:
         "es_step_tok_s": pc,
         "ratio_generation": ratio("generation"),
         "ratio_step": ratio("step"),
+        "lora_share": None if "generation" in broken else lora_share(pa["median"], pb["median"]),
         "baselines": {
             "peft_files_step_tok_s": spread(d_step),
             "peft_files_gen_tok_s": spread(d_gen),

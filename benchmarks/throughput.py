@@ -5,6 +5,9 @@ The ratios are of medians over interleaved repeats; the JSON keeps every run so 
 read, and records the dtype, CPU, threads, versions and the LoRA path that really ran.
 
     es-serve bench --population 8 32 --rank 1 --prompts 4 --max-tokens 64 --json benchmarks/results/throughput.json
+
+`--threads 1 2` runs every (N, r) once per thread count, each on an engine started with that many
+compute threads (vLLM's CPU GEMMs bind their threads at engine start, so one engine cannot be re-threaded).
 """
 
 from __future__ import annotations
@@ -38,6 +41,14 @@ def parser() -> argparse.ArgumentParser:
         default="auto",
         help="model dtype; auto = bfloat16 on CPUs with native bf16, else float32",
     )
+    p.add_argument(
+        "--threads",
+        type=int,
+        nargs="+",
+        metavar="T",
+        help="CPU backend only: run every case once per T, the engine on the first T CPUs this process may use "
+        "(default: vLLM's own binding on all of them)",
+    )
     p.add_argument("--json", default=DEFAULT_JSON, metavar="OUT.json", help="Markdown and PNG go beside it")
     return p
 
@@ -50,13 +61,56 @@ def check(args) -> None:
     for name in ("prompts", "max_tokens", "repeats", "naive_members"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.threads:
+        cpus = available_cpus()
+        bad = [t for t in args.threads if not 1 <= t <= len(cpus)]
+        if bad:
+            raise ValueError(
+                f"--threads {' '.join(map(str, bad))}: this process may use {len(cpus)} CPUs ({cpu_list(cpus)}), "
+                f"so each T must be in 1..{len(cpus)}"
+            )
+        from vllm.platforms import current_platform
+
+        if not current_platform.is_cpu():
+            raise ValueError(
+                f"--threads sets the CPU backend's compute threads; vLLM runs on {current_platform.device_name} "
+                "here, where it does not apply: drop --threads"
+            )
+
+
+def available_cpus() -> list[int]:
+    return sorted(os.sched_getaffinity(0))
+
+
+def cpu_list(cpus: list[int]) -> str:
+    """CPU ids in the form VLLM_CPU_OMP_THREADS_BIND and taskset read: "0-3,6"."""
+    runs: list[list[int]] = []
+    for c in cpus:
+        if runs and c == runs[-1][-1] + 1:
+            runs[-1].append(c)
+        else:
+            runs.append([c])
+    return ",".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs)
+
+
+def case_env(threads: int | None) -> tuple[dict, list[int] | None]:
+    """The environment and CPUs of a case process whose engine should run on `threads` threads."""
+    env = dict(os.environ)
+    if threads is None:
+        return env, None
+    cpus = available_cpus()[:threads]
+    env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_list(cpus)
+    env["OMP_NUM_THREADS"] = str(threads)
+    # Else vLLM would treat the count as its own choice and drop it after start-up.
+    env.pop("VLLM_OMP_NUM_THREADS_SET_BY_VLLM", None)
+    return env, cpus
 
 
 def table(results: list[dict]) -> str:
     lines = [
-        "| N | r | pure tok/s | ES generation tok/s | ES step tok/s | ratio gen | ratio step "
+        "| N | r | threads | pure tok/s | ES generation tok/s | ES step tok/s | ratio gen | LoRA share | ratio step "
         "| PEFT files step (ratio) | naive full-rank (ratio) | member MiB | peak RSS GiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def cell(s):
@@ -65,12 +119,16 @@ def table(results: list[dict]) -> str:
     def ratio(x):
         return "broken" if x is None else f"{x:.2f}"
 
+    def share(x):
+        return "broken" if x is None else f"{100 * x:.1f} %"
+
     notes = []
     for r in results:
         base, mem = r["baselines"], r["memory"]
         lines.append(
-            f"| {r['population']} | {r['rank']} | {cell(r['pure_tok_s'])} | {cell(r['es_gen_tok_s'])} "
-            f"| {cell(r['es_step_tok_s'])} | {ratio(r['ratio_generation'])} | {ratio(r['ratio_step'])} "
+            f"| {r['population']} | {r['rank']} | {r.get('threads', '?')} | {cell(r['pure_tok_s'])} "
+            f"| {cell(r['es_gen_tok_s'])} | {cell(r['es_step_tok_s'])} | {ratio(r['ratio_generation'])} "
+            f"| {share(r.get('lora_share'))} | {ratio(r['ratio_step'])} "
             f"| {base['peft_files_step_tok_s']['median']:.0f} ({ratio(r['ratio_peft_files_step'])}) "
             f"| {base['naive_full_rank_tok_s']['median']:.0f} ({ratio(r['ratio_naive_full_rank'])}) "
             f"| {mem['member_cache_bytes'] / 2**20:.2f} | {mem['peak_rss_bytes'] / 2**30:.2f} |"
@@ -87,6 +145,10 @@ def table(results: list[dict]) -> str:
                 f"pure inference sharing the repeated prompts ran at {r['pure_shared_prefixes_tok_s']:.0f} tok/s "
                 f"with {hits['pure_shared_prefixes']} cached"
             )
+    notes.append(
+        "- LoRA share: the fraction of member generation's time spent on top of pure inference, "
+        "1 - t_pure / t_generation (1 - ratio gen); threads: torch's compute threads in the engine's process"
+    )
     return "\n".join(lines) + "\n" + ("\n" + "\n".join(notes) + "\n" if notes else "")
 
 
@@ -168,6 +230,35 @@ def plot(results: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_threads(results: list[dict], path: Path) -> None:
+    """Ratio and LoRA share against the engine's threads, one line per (N, r)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, sx) = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
+    for n, rank in sorted({(r["population"], r["rank"]) for r in results}):
+        rows = sorted((r for r in results if (r["population"], r["rank"]) == (n, rank)), key=lambda r: r["threads"])
+        ts = [r["threads"] for r in rows]
+        ax.plot(ts, [_nan(r["ratio_generation"]) for r in rows], marker="o", label=f"N={n} r={rank}")
+        sx.plot(ts, [_nan(r["lora_share"]) for r in rows], marker="o", label=f"N={n} r={rank}")
+    threads = sorted({r["threads"] for r in results})
+    for axis, ylabel in [(ax, "generation tokens/s relative to pure inference"), (sx, "LoRA share of member time")]:
+        axis.set_xticks(threads)
+        axis.set_xlabel("engine compute threads")
+        axis.set_ylabel(ylabel)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    ax.set_ylim(0, 1.15)
+    sx.set_ylim(0, max([0.5, *(r["lora_share"] or 0 for r in results)]) * 1.1)
+    ax.set_title(f"{results[0]['dtype']}, LoRA path {results[0]['kernel']}", fontsize=9)
+    sx.set_title("1 - t_pure / t_generation: flat when the member kernel scales with the GEMMs", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     check(args)
@@ -175,7 +266,9 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     results = []
     for rank in args.rank:
-        for n in args.population:
+        for n, threads in [(n, t) for n in args.population for t in args.threads or [None]]:
+            env, cpus = case_env(threads)
+            label = f"N={n} r={rank}" + ("" if threads is None else f" threads={threads}")
             with tempfile.TemporaryDirectory() as tmp:
                 spec = {
                     "model": args.model,
@@ -188,12 +281,13 @@ def main(argv: list[str] | None = None) -> int:
                     "sigma": args.sigma,
                     "memory_fraction": args.memory_fraction,
                     "dtype": args.dtype,
+                    "cpus": cpus,
                     "out": f"{tmp}/case.json",
                 }
-                print(f"es-serve bench: N={n} r={rank} ...", file=sys.stderr, flush=True)
-                proc = subprocess.run([sys.executable, "-m", "benchmarks.case", json.dumps(spec)])
+                print(f"es-serve bench: {label} ...", file=sys.stderr, flush=True)
+                proc = subprocess.run([sys.executable, "-m", "benchmarks.case", json.dumps(spec)], env=env)
                 if proc.returncode != 0:
-                    raise RuntimeError(f"benchmark case N={n} r={rank} failed (exit {proc.returncode}); see above")
+                    raise RuntimeError(f"benchmark case {label} failed (exit {proc.returncode}); see above")
                 row = json.loads(Path(spec["out"]).read_text())
             results.append(row)
             shown = {
@@ -201,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
                 for k in ("ratio_generation", "ratio_step", "ratio_peft_files_step", "ratio_naive_full_rank")
             }
             print(
-                f"N={n} r={rank} {row['dtype']} kernel {row['kernel']}: ratio_generation {shown['ratio_generation']}"
+                f"N={n} r={rank} threads {row['threads']} {row['dtype']} kernel {row['kernel']}: ratio_generation {shown['ratio_generation']}"
                 f"  ratio_step {shown['ratio_step']}  peft files {shown['ratio_peft_files_step']}"
                 f"  naive {shown['ratio_naive_full_rank']}",
                 flush=True,
@@ -218,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
         "kernel": first["kernel"],
         "kernels": sorted({r["kernel"] for r in results}),
         "threads": report["threads"],
+        # One entry per result row, in order: the engine's threads as read back in its process.
+        "threads_per_row": [r["threads"] for r in results],
         "kernel_threads_max": report["kernel_threads_max"],
         "bf16_native": report.get("bf16_native"),
         **host,
@@ -230,9 +326,12 @@ def main(argv: list[str] | None = None) -> int:
     summary["baselines"] = {name: s["median"] for name, s in first["baselines"].items()}
     out.write_text(json.dumps({"meta": meta, **summary, "results": results}, indent=2))
     md = table(results)
-    where = f"{meta['machine']}, {meta['dtype']}, {meta['threads']} threads, kernel {', '.join(meta['kernels'])}"
+    threads = "/".join(str(t) for t in sorted(set(meta["threads_per_row"])))
+    where = f"{meta['machine']}, {meta['dtype']}, {threads} threads, kernel {', '.join(meta['kernels'])}"
     out.with_suffix(".md").write_text(f"`{meta['command']}` ({where})\n\n{md}")
     plot(results, out.with_suffix(".png"))
+    if len({r["threads"] for r in results}) > 1:
+        plot_threads(results, out.with_name(out.stem + "_threads.png"))
     print("\n" + md)
     return 0
 

@@ -82,3 +82,78 @@ def test_a_baseline_faster_than_pure_inference_is_flagged_not_reported():
     # Pure inference itself all over the place (measured on a loaded machine): nothing is compared.
     why = flag_broken([124.0], [40.0, 68.0, 337.0])
     assert "range from 40 to 337 tok/s" in why
+
+
+def _bench(tmp_path, *extra):
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "-m", "launch.cli", "bench", "--population", "4", "--prompts", "2", "--max-tokens", "4"]
+    cmd += ["--repeats", "2", "--naive-members", "1", "--json", str(out), *extra]
+    return out, subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+
+
+def test_bench_threads_runs_each_case_once_per_thread_count(tiny_model_dir, tmp_path):
+    import os
+    import statistics
+
+    cpus = sorted(os.sched_getaffinity(0))
+    # `--threads 1 2` where two CPUs are free to this process; pinned to one CPU only 1 can be asked for.
+    wanted = [1, 2][: len(cpus)]
+    out, proc = _bench(tmp_path, "--model", str(tiny_model_dir), "--threads", *map(str, wanted))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    rows = data["results"]
+    assert len(rows) == len(wanted)
+    for t, row in zip(wanted, rows, strict=True):
+        assert row["population"] == 4 and row["threads_requested"] == t
+        # Read back in the engine's process after it started: torch's threads and the CPUs it may run on,
+        # and the member kernel's own reading of the threads it was given.
+        assert row["threads"] == t and row["cpus"] == cpus[:t]
+        assert row["kernel_report"]["threads"] == t
+        if "generation" in row["broken"]:
+            assert row["lora_share"] is None
+        else:
+            pure = statistics.median(row["pure_tok_s"]["runs"])
+            gen = statistics.median(row["es_gen_tok_s"]["runs"])
+            assert row["lora_share"] == pytest.approx(1 - gen / pure)
+    assert data["meta"]["threads_per_row"] == wanted and data["meta"]["threads"] == rows[0]["threads"]
+    table = out.with_suffix(".md").read_text()
+    assert "| N | r | threads |" in table and "LoRA share" in table
+    for t in wanted:
+        assert f"| 4 | 1 | {t} |" in table
+    assert out.with_name("bench_threads.png").exists() == (len(wanted) > 1)
+
+
+def test_bench_refuses_thread_counts_it_cannot_give(tmp_path):
+    import os
+
+    n = len(os.sched_getaffinity(0))
+    for bad in (n + 1, 0):
+        _, proc = _bench(tmp_path, "--threads", "1", str(bad))
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert f"--threads {bad}" in proc.stderr and f"may use {n} CPUs" in proc.stderr
+        assert "Traceback" not in proc.stderr
+
+
+def test_bench_refuses_threads_off_the_cpu_backend(monkeypatch):
+    import vllm.platforms
+
+    from benchmarks.throughput import check, parser
+
+    class Cuda:
+        device_name = "cuda"
+
+        def is_cpu(self):
+            return False
+
+    monkeypatch.setattr(vllm.platforms, "current_platform", Cuda(), raising=False)
+    with pytest.raises(ValueError, match="--threads sets the CPU backend's compute threads.*cuda.*drop --threads"):
+        check(parser().parse_args(["--threads", "1"]))
+    check(parser().parse_args([]))  # without --threads nothing is asked of the platform
+
+
+def test_cpu_lists_are_written_as_vllm_reads_them():
+    from benchmarks.throughput import cpu_list
+
+    assert cpu_list([0]) == "0"
+    assert cpu_list([0, 1]) == "0-1"
+    assert cpu_list([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"

@@ -33,9 +33,9 @@ class ModelConfig(_Section):
 
 
 class ESConfig(_Section):
-    population: int = Field(16, ge=2, description="members per generation (N)")
+    population: int = Field(32, ge=2, description="members per generation (N)")
     rank: int = Field(1, ge=1, le=512)
-    sigma: float = Field(5e-3, gt=0)
+    sigma: float = Field(1e-2, gt=0)
     lr: float = Field(1e-2, gt=0)
     optimizer: Literal["sgd", "momentum", "adam"] = Field(
         "sgd",
@@ -43,7 +43,7 @@ class ESConfig(_Section):
         "(heavy ball, as torch.optim.SGD), adam (as torch.optim.Adam); momentum and adam keep float32 state "
         "next to the masters. Adam's step per weight is about lr whatever the size of g, while sgd's is "
         "lr x |g| with |g| about 1 / sqrt(N) (unit-variance shaped fitness, mean scaling): start adam near "
-        "es.lr / sqrt(N) (2.5e-3 for the main job) and momentum near es.lr x (1 - es.momentum)",
+        "es.lr / sqrt(N) (1.8e-3 for the main job) and momentum near es.lr x (1 - es.momentum)",
     )
     momentum: float = Field(0.9, ge=0, lt=1, description="es.optimizer=momentum: the velocity's decay")
     adam_beta1: float = Field(0.9, ge=0, lt=1, description="es.optimizer=adam: decay of the first moment")

@@ -25,6 +25,8 @@ import time
 import warnings
 from pathlib import Path
 
+from benchmarks.cpus import cpu_cores, pick_cpus
+
 GRPO_OWN = {
     "learning_rate": "--grpo-lrs",
     "max_completion_length": "generation.max_tokens",
@@ -95,7 +97,7 @@ def check(args) -> dict:
     _fail_if(not args.minutes > 0, f"--minutes must be a positive number of minutes, got {args.minutes:g}")
     _fail_if(not args.eval_every_minutes > 0, f"--eval-every-minutes must be positive, got {args.eval_every_minutes:g}")
     _fail_if(any(not lr > 0 for lr in args.grpo_lrs), f"--grpo-lrs must be positive, got {args.grpo_lrs}")
-    available = _cpu_cores()
+    available = cpu_cores()
     if args.threads is not None:
         _fail_if(
             not 1 <= args.threads <= sum(len(c) for c in available),
@@ -135,30 +137,6 @@ def _grpo_config_class():
             raise ValueError(f"TRL is not installed, and the GRPO runs go through its GRPOTrainer: {install}") from None
         raise ValueError(f"TRL does not import ({type(exc).__name__}: {exc}); reinstall it: {install}") from None
     return GRPOConfig
-
-
-def _cpu_cores() -> list[list[int]]:
-    """The CPUs this process may use, grouped by physical core (SMT siblings together)."""
-    allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
-    cores: dict[tuple, list[int]] = {}
-    for cpu in allowed:
-        topo = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
-        try:
-            key = (
-                topo.joinpath("physical_package_id").read_text().strip(),
-                topo.joinpath("core_id").read_text().strip(),
-            )
-        except OSError:
-            key = ("cpu", str(cpu))
-        cores.setdefault(key, []).append(cpu)
-    return list(cores.values())
-
-
-def pick_cpus(threads: int | None) -> list[int]:
-    """One CPU per physical core first (as vLLM's CPU backend binds), then SMT siblings if more are asked for."""
-    cores = _cpu_cores()
-    order = [c[0] for c in cores] + [cpu for c in cores for cpu in c[1:]]
-    return order[: threads or len(cores)]
 
 
 def run_one(spec: dict, work: Path, verbose: bool, env: dict) -> dict:

@@ -21,6 +21,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from benchmarks.cpus import cpu_cores, cpu_list, pick_cpus
+
 DEFAULT_JSON = "benchmarks/results/throughput.json"
 
 
@@ -62,11 +64,11 @@ def check(args) -> None:
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.threads:
-        cpus = available_cpus()
+        cpus = [cpu for core in cpu_cores() for cpu in core]
         bad = [t for t in args.threads if not 1 <= t <= len(cpus)]
         if bad:
             raise ValueError(
-                f"--threads {' '.join(map(str, bad))}: this process may use {len(cpus)} CPUs ({cpu_list(cpus)}), "
+                f"--threads {' '.join(map(str, bad))}: this process may use {len(cpus)} CPUs ({cpu_list(sorted(cpus))}), "
                 f"so each T must be in 1..{len(cpus)}"
             )
         from vllm.platforms import current_platform
@@ -78,28 +80,13 @@ def check(args) -> None:
             )
 
 
-def available_cpus() -> list[int]:
-    return sorted(os.sched_getaffinity(0))
-
-
-def cpu_list(cpus: list[int]) -> str:
-    """CPU ids in the form VLLM_CPU_OMP_THREADS_BIND and taskset read: "0-3,6"."""
-    runs: list[list[int]] = []
-    for c in cpus:
-        if runs and c == runs[-1][-1] + 1:
-            runs[-1].append(c)
-        else:
-            runs.append([c])
-    return ",".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs)
-
-
 def case_env(threads: int | None) -> tuple[dict, list[int] | None]:
     """The environment and CPUs of a case process whose engine should run on `threads` threads."""
     env = dict(os.environ)
     if threads is None:
         return env, None
-    cpus = available_cpus()[:threads]
-    env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_list(cpus)
+    cpus = pick_cpus(threads)
+    env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_list(sorted(cpus))
     env["OMP_NUM_THREADS"] = str(threads)
     # Else vLLM would treat the count as its own choice and drop it after start-up.
     env.pop("VLLM_OMP_NUM_THREADS_SET_BY_VLLM", None)

@@ -1,7 +1,7 @@
 """The math of an EGGROLL population member, in pure torch (no vLLM import)."""
 
 from .lora import lora_from_factors, member_delta, member_lora, member_state_dict, peft_config, write_peft_adapter
-from .noise import NOISE_VERSION, NoiseKey, many_factors, noise_epoch, pair_factors, stacked_factors
+from .noise import NOISE_VERSION, NoiseKey, draw_block, many_factors, noise_epoch, pair_factors, stacked_factors
 from .optim import OPTIMIZERS, Optimizer, OptimizerState, split_state
 from .population import Population
 from .shaping import SHAPINGS, shape_fitness
@@ -32,6 +32,7 @@ __all__ = [
     "find_targets",
     "lora_from_factors",
     "lowrank_sum",
+    "draw_block",
     "many_factors",
     "matrix_updates",
     "merge_tolerance",

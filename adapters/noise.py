@@ -80,10 +80,14 @@ def pair_factors(
     return many_factors([key], [(m, n)], rank, noise)[0]
 
 
-def many_factors(
+def draw_block(
     keys: Sequence[NoiseKey], shapes: Sequence[tuple[int, int]], rank: int, noise: int | None = None
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """pair_factors of many keys (e.g. every matrix of one member) in one pass."""
+) -> torch.Tensor:
+    """Every key's draw Z (m + n, r), flattened and laid one after another in one float32 tensor.
+
+    Key k's Z starts where the (m + n) r numbers of the keys before it end; `many_factors` cuts it.
+    Callers that lay many draws out together (a population, for vLLM's slots) slice it themselves.
+    """
     check_rank(rank)
     version = check_noise_version(NOISE_VERSION if noise is None else noise)
     if len(keys) != len(shapes):
@@ -102,11 +106,18 @@ def many_factors(
             offset += length
     else:
         normal.fill([k.stream_start() for k in keys], lengths, flat)
-    block, out, offset = torch.from_numpy(flat), [], 0
-    for (m, n), length in zip(shapes, lengths, strict=True):
-        t = block[offset : offset + length].view(m + n, rank)
+    return torch.from_numpy(flat)
+
+
+def many_factors(
+    keys: Sequence[NoiseKey], shapes: Sequence[tuple[int, int]], rank: int, noise: int | None = None
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """pair_factors of many keys (e.g. every matrix of one member) in one pass."""
+    block, out, offset = draw_block(keys, shapes, rank, noise), [], 0
+    for m, n in shapes:
+        t = block[offset : offset + (m + n) * rank].view(m + n, rank)
         out.append((t[:m], t[m:]))
-        offset += length
+        offset += (m + n) * rank
     return out
 
 

@@ -193,6 +193,11 @@ def run_case(spec: dict) -> dict:
     engine.generate(prompts * n, short)
     peft.generate(Generation(pop, 7, 10**6), prompts, short)
     engine.use_kernel("es")
+    # The engine's first merge plans how merged weights reach the model and builds new GEMM kernels
+    # (about a second here, once per engine): warmed up like the GEMMs, and reported beside.
+    start = time.perf_counter()
+    engine.apply_update(Generation(pop, 7, 10**6), [0.0] * n, 0.0)
+    first_merge = time.perf_counter() - start
 
     a, a_stock, b, c, d_step, d_gen = [], [], [], [], [], []
     for r in range(spec["repeats"]):
@@ -262,6 +267,7 @@ def run_case(spec: dict) -> dict:
             "peft_files_gen_tok_s": spread(d_gen),
             "naive_full_rank_tok_s": {**spread(naive), "members_timed": members},
         },
+        "first_merge_seconds": first_merge,
         "ratio_peft_files_step": ratio("peft_files_step"),
         "ratio_naive_full_rank": ratio("naive_full_rank"),
         "broken": broken,

@@ -254,3 +254,30 @@ def test_padded_rank_and_adapters_written_between_calls():
     punica.add_lora_linear(got, x, a, b, 1.0, widths)
     check(got, y, x, a, b, slots, widths, 1.0)
     assert member_kernel.report([punica])["kernel"] == "es-c-bf16"
+
+
+@pytest.mark.parametrize("rank", [1, 4, 9])  # 9: past the ranks whose B is widened once per group
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_engine_step_path_matches_float64_sum_on_a_large_shuffled_batch(rank, dtype):
+    # The per-step grouping (StepGroups) shared by all layers of a step, as an engine runs it: many
+    # tokens per slot (several groups each), slots out of order, tokens without adapter, two threads,
+    # and two layers of different shapes reusing one grouping.
+    g = torch.Generator().manual_seed(rank)
+    n_slots, tokens = 24, 300
+    slots = torch.randint(-1, n_slots, (tokens,), generator=g)
+    punica = PunicaWrapperCPU(slots.tolist())
+    member_kernel.install(punica)
+    punica._es_stats.threads = 2
+    punica.update_metadata()
+    punica._es_stats.threads = 2
+    assert punica._es_groups.tokens == tokens and punica._es_groups.n_units > n_slots  # grouped once, here
+    for widths, width_in in (((40, 3, 17), 77), ((300,), 33)):
+        a = tuple(torch.randn(n_slots, 1, rank, width_in, generator=g).to(dtype) for _ in widths)
+        b = tuple(torch.randn(n_slots, 1, w, rank, generator=g).to(dtype) for w in widths)
+        x = torch.randn(tokens, width_in, generator=g).to(dtype)
+        y = torch.randn(tokens, sum(widths), generator=g).to(dtype)
+        got = y.clone()
+        punica.add_lora_linear(got, x, a, b, 0.5, widths)
+        check(got, y, x, a, b, slots, widths, 0.5)
+    report = member_kernel.report([punica])
+    assert report["fallback_calls"] == {} and report["kernel_threads_max"] == 2

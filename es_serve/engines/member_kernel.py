@@ -112,6 +112,11 @@ def open_library(path: Path) -> tuple[ctypes.CDLL, dict]:
         ctypes.c_int, ptr, i64, i64, ptr, i64, i64, ptr, ptr, i64, i64, ptr, i64, i64, ptr, ctypes.c_float,
         ctypes.c_int,
     ]  # fmt: skip
+    lib.es_member_group.restype = i64
+    lib.es_member_group.argtypes = [ptr, i64, i64, ptr, ptr]  # slots, tokens, slots bound, order, units
+    lib.es_member_lora_units.restype = ctypes.c_int
+    # layer, slots, order, units, units count, x, y, y row stride, y offset, scale, threads
+    lib.es_member_lora_units.argtypes = [ptr, ptr, ptr, ptr, i64, ptr, ptr, i64, i64, ctypes.c_float, ctypes.c_int]
     info = {
         "library": path.name,
         "openmp": bool(lib.es_member_lora_openmp()),
@@ -216,6 +221,52 @@ def merge_reports(reports) -> dict:
     return out
 
 
+class _LayerStruct(ctypes.Structure):
+    """es_layer in kernels/member_lora.c: one layer's stacked tensors as the kernel reads them."""
+
+    _fields_ = [
+        ("dtype", ctypes.c_int64),
+        ("width_in", ctypes.c_int64),
+        ("a_rows", ctypes.c_int64),
+        ("n_slots", ctypes.c_int64),
+        ("n_slices", ctypes.c_int64),
+        ("rank", ctypes.c_int64),
+        ("a", ctypes.c_void_p),
+        ("bt", ctypes.c_void_p),
+        ("widths", ctypes.c_void_p),
+    ]
+
+
+class StepGroups:
+    """The batch's tokens grouped by slot, computed once per engine step and shared by every layer.
+
+    Grouping depends only on which slot each token uses, which vLLM fixes for a whole forward pass.
+    The buffers grow with the largest batch seen and are reused (no allocation per step).
+    """
+
+    def __init__(self):
+        self.order = torch.empty(0, dtype=torch.int64)
+        self.units = torch.empty(0, dtype=torch.int64)
+        self.slots = None
+        self.tokens = 0
+        self.bound = 0  # one past the largest slot used
+        self.n_units = -1
+
+    def update(self, lib, slots: torch.Tensor) -> None:
+        self.slots, self.tokens = slots, slots.shape[0]
+        self.n_units = -1
+        if lib is None or self.tokens == 0:
+            return
+        if self.order.numel() < self.tokens:
+            self.order = torch.empty(self.tokens, dtype=torch.int64)
+            self.units = torch.empty(2 * self.tokens, dtype=torch.int64)
+        self.bound = int(slots.max()) + 1
+        self.n_units = lib.es_member_group(
+            slots.data_ptr(), self.tokens, self.bound, self.order.data_ptr(), self.units.data_ptr()
+        )
+        self.slots_ptr, self.order_ptr, self.units_ptr = slots.data_ptr(), self.order.data_ptr(), self.units.data_ptr()
+
+
 class LayerPlan:
     """What the kernel needs about one layer's stacked tensors, checked once.
 
@@ -238,6 +289,12 @@ class LayerPlan:
             n = self.n = len(a_stacked)
             self.a_ptrs = (ctypes.c_void_p * n)(*[t.data_ptr() for t in a_stacked])
             self.c_widths = (ctypes.c_int64 * n)(*self.widths)
+            self.total_width = sum(self.widths)
+            self.struct = _LayerStruct(
+                self.code, self.width_in, self.slot_rank, self.n_slots, n, 0,
+                ctypes.addressof(self.a_ptrs), None, ctypes.addressof(self.c_widths),
+            )  # fmt: skip
+            self.struct_ptr = ctypes.addressof(self.struct)
 
     def refresh(self) -> None:
         """Re-reads the used rank and B's transpose if vLLM wrote adapters since the last call."""
@@ -256,6 +313,7 @@ class LayerPlan:
             self.bt = tuple(b[:, 0, :, :rank].transpose(1, 2).contiguous() for b in self.b)
         self.bt_ptrs = (ctypes.c_void_p * self.n)(*[t.data_ptr() for t in self.bt])
         self.work = rank * (self.width_in * self.n + sum(self.widths))
+        self.struct.rank, self.struct.bt = rank, ctypes.addressof(self.bt_ptrs)
         self.versions = versions
 
     def _check(self) -> str | None:
@@ -319,6 +377,43 @@ def _run(plan: LayerPlan, y, x, slots, scale, threads, stats) -> str | None:
     return None
 
 
+def _run_grouped(plan: LayerPlan, y, x, groups: StepGroups, scale, threads, stats) -> str | None:
+    """`_run` for an engine step whose tokens were grouped once (StepGroups): the per-layer hot path.
+
+    Only what can differ between the layers of one step is checked here.
+    """
+    if _library is None:
+        return "no compiled kernel"
+    if plan.reason is not None:
+        return plan.reason
+    if x.dtype != plan.dtype or y.dtype != plan.dtype:
+        return f"activations {str(x.dtype).removeprefix('torch.')}, lora {str(plan.dtype).removeprefix('torch.')}"
+    if x.shape[0] != groups.tokens or x.shape[1] != plan.width_in or y.stride(1) != 1 or y.shape[1] < plan.total_width:
+        return "activations not (tokens, features) with unit column stride"
+    if groups.n_units < 0 or groups.bound > plan.n_slots:
+        return "a slot index past the stacked tensors"
+    if not x.is_contiguous():
+        x = x.contiguous()
+    plan.refresh()
+    if plan.rank == 0:  # every slot is empty: nothing to add
+        stats.add_fast(plan.name)
+        return None
+    if groups.tokens * plan.work < PARALLEL_MIN_WORK or not _info.get("threads_ok", False):
+        threads = 1
+    start = time.perf_counter()
+    rc = _library.es_member_lora_units(
+        plan.struct_ptr, groups.slots_ptr, groups.order_ptr, groups.units_ptr, groups.n_units, x.data_ptr(),
+        y.data_ptr(), y.stride(0), 0, scale, threads,
+    )  # fmt: skip
+    if rc < 1:
+        return "kernel refused its arguments (a slot index past the stacked tensors?)"
+    stats.seconds += time.perf_counter() - start
+    stats.add_fast(plan.name)
+    if rc > stats.team:
+        stats.team = rc
+    return None
+
+
 def member_lora(
     y, x, a_stacked, b_stacked, slots, output_slices, scale: float = 1.0, threads: int | None = None, stats=None
 ) -> str:
@@ -378,12 +473,16 @@ def install(punica) -> bool:
     stats = punica._es_stats = getattr(punica, "_es_stats", None) or KernelStats()
     plans: dict[int, LayerPlan] = {}
 
+    groups = punica._es_groups = StepGroups()
+
     def update_metadata(*args, **kwargs):
         original_update(*args, **kwargs)
         # Decided once per engine step: a batch without adapters (pure inference on this engine)
         # skips the LoRA term entirely instead of visiting every token to find slot -1.
         punica._es_slots = punica.token_lora_indices.contiguous()
         punica._es_any = bool((punica._es_slots >= 0).any())
+        if punica._es_any:
+            groups.update(load(), punica._es_slots)
         # vLLM fixes its compute threads when the worker starts; read here, off the per-layer path.
         stats.threads = torch.get_num_threads()
 
@@ -400,7 +499,10 @@ def install(punica) -> bool:
         if plan is None or plan.a is not lora_a_stacked or plan.b is not lora_b_stacked:
             plan = plans[id(lora_a_stacked)] = LayerPlan(lora_a_stacked, lora_b_stacked, output_slices)
         y2 = y if y.dim() == 2 else y.view(-1, y.shape[-1])
-        reason = _run(plan, y2, x2, slots, scale, stats.threads, stats)
+        if groups.slots is slots:
+            reason = _run_grouped(plan, y2, x2, groups, scale, stats.threads, stats)
+        else:
+            reason = _run(plan, y2, x2, slots, scale, stats.threads, stats)
         if reason is not None:
             stats.add_fallback(reason)
             member_lora_torch(y2, x2, lora_a_stacked, lora_b_stacked, slots, output_slices, scale)

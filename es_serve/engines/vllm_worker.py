@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
 import torch
 
 from adapters import Optimizer, OptimizerState, Population, apply_update, find_targets, peft_config
-from adapters.lora import lora_from_factors
-from adapters.noise import NoiseKey, many_factors
+from adapters.noise import NoiseKey, draw_block
 
 from ..weights import read_safetensors
 
@@ -61,6 +61,62 @@ def _skip_clean_resets(module) -> None:
         return write(index, *args, **kwargs)
 
     module.reset_lora, module.set_lora = reset_lora, set_lora
+
+
+def _queue_slot_writes(module) -> None:
+    """Lets `es_prepare` put many members into a linear LoRA layer's slots with a few tensor writes.
+
+    vLLM's activation calls `set_lora` once per member and layer: a slot reset and a copy per slice,
+    each a handful of small tensor operations, which added up to a few percent of a generation at
+    N = 32. While `_es_slot_queue` is a dict (only inside `es_prepare`), `set_lora` queues its
+    arguments instead; `_write_queued_slots` then writes them all per slice with one indexed copy,
+    with the same result. Anything it does not handle (tensor parallel slicing, packed groups that do
+    not match the slices) takes vLLM's own `set_lora`. Patched on the instance; idempotent.
+    """
+    if hasattr(module, "_es_slot_queue"):
+        return
+    module._es_slot_queue = None
+    write = module.set_lora
+
+    def set_lora(index: int, lora_a, lora_b):
+        queue = module._es_slot_queue
+        if queue is not None:
+            parts = [*lora_a, *lora_b] if isinstance(lora_a, list) and isinstance(lora_b, list) else [lora_a, lora_b]
+        if (
+            queue is None
+            or getattr(module, "tp_size", 1) != 1
+            or len(parts) != 2 * module.n_slices
+            or not all(isinstance(t, torch.Tensor) and t.dim() == 2 for t in parts)
+        ):
+            if queue:  # keep the order of writes to this layer
+                _write_queued_slots(module)
+                module._es_slot_queue = {}
+            return write(index, lora_a, lora_b)
+        queue[index] = (lora_a, lora_b)
+        return None
+
+    module._es_set_lora_one = write
+    module.set_lora = set_lora
+
+
+def _write_queued_slots(module) -> None:
+    """Writes the slots `set_lora` queued (see _queue_slot_writes): per slice, one indexed copy."""
+    queue, module._es_slot_queue = module._es_slot_queue, None
+    if not queue:
+        return
+    index = torch.tensor(list(queue))
+    entries = [tuple(list(x) if isinstance(x, (list, tuple)) else [x] for x in pair) for pair in queue.values()]
+    for k in range(module.n_slices):
+        for stacked, part in ((module.lora_a_stacked[k], 0), (module.lora_b_stacked[k], 1)):
+            sources = [entry[part][k] for entry in entries]
+            shape = sources[0].shape
+            if any(t.shape != shape for t in sources):  # mixed ranks: vLLM's writes, one at a time
+                for i, (lora_a, lora_b) in queue.items():
+                    module._es_set_lora_one(i, lora_a, lora_b)
+                return
+            if tuple(shape) != tuple(stacked.shape[2:]):
+                stacked[index] = 0  # what vLLM's reset does: the slot's padding rows stay zero
+            stacked[index, 0, : shape[0], : shape[1]] = torch.stack(sources).to(stacked.dtype)
 
 
 def member_path(seed: int, epoch: int, member: int, pop: Population) -> str:
@@ -120,9 +176,13 @@ class ESWorkerExtension:
         manager._apply_adapters = self._es_apply_adapters
         self._es_helper = None
         self.__dict__.pop("_es_direct", None)  # planned at the first push, for these targets
+        from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
+
         for module in manager._adapter_manager.modules.values():
             if type(module).__name__ in VOCAB_LORA_LAYERS:
                 _skip_clean_resets(module)
+            elif isinstance(module, BaseLinearLayerWithLoRA):
+                _queue_slot_writes(module)
         self._es_kernel = False
         if kernel == "es":
             from .member_kernel import install
@@ -152,6 +212,8 @@ class ESWorkerExtension:
 
         The two members of an antithetic pair share their draw, so it is drawn once. Tensors are kept
         in vLLM's LoRA dtype, the form its slots take them in, so loading copies without converting.
+        Laid out per matrix for all new members at once (a handful of tensor operations per matrix,
+        not per member and matrix): each member's tensors are rows of those, r (m + n) numbers each.
         """
         out = {p: self._es_cache[p] for p in paths if p in self._es_cache}
         draws: dict[int, dict[tuple[int, int, int, float], list[tuple[str, int, Population]]]] = {}
@@ -165,26 +227,40 @@ class ESWorkerExtension:
         shapes = [(t.out_features, t.in_features) for t in targets]
         for rank, by_draw in draws.items():
             keys = [NoiseKey(seed, epoch, draw, t.layer, t.module) for seed, epoch, draw, _ in by_draw for t in targets]
-            factors = iter(many_factors(keys, shapes * len(by_draw), rank))
-            for (seed, epoch, _, sigma), members in by_draw.items():
-                pair = [next(factors) for _ in targets]
-                # The members of a pair have the same lora_A and opposite lora_B: laid out once, then
-                # copied or negated (each member owns its tensors, r (m + n) numbers per matrix).
-                plus = [tuple(x.to(dtype) for x in lora_from_factors(a, b, 1, sigma)) for a, b in pair]
-                for k, (path, member, pop) in enumerate(members):
-                    sign = pop.sign_of(member)
-                    tensors = {}
-                    for target, (lora_a, lora_b) in zip(targets, plus, strict=True):
-                        tensors[target.param.removesuffix(".weight")] = (
-                            lora_a if k == 0 else lora_a.clone(),
-                            (lora_b if k == 0 else lora_b.clone()) if sign > 0 else -lora_b,
-                        )
-                    out[path] = tensors
-                    # One noise epoch is cached: its adapters are rebuilt from here after a merge
-                    # drops vLLM's copies (noise reuse), and the next epoch replaces it.
-                    if self._es_cache_epoch != (seed, epoch):
-                        self._es_cache, self._es_cache_epoch = {}, (seed, epoch)
-                    self._es_cache[path] = tensors
+            per_draw = sum((m + n) * rank for m, n in shapes)
+            block = draw_block(keys, shapes * len(by_draw), rank).view(len(by_draw), per_draw)
+            rows, coeff_a, coeff_b, members = [], [], [], []
+            for row, ((_, _, _, sigma), group) in enumerate(by_draw.items()):
+                for path, member, pop in group:
+                    rows.append(row)
+                    # lora_from_factors' scalings, one per member: sqrt(sigma) on A's side, the sign and
+                    # sqrt(sigma / r) on B's (the same float32 products, so the same bits).
+                    coeff_a.append(math.sqrt(sigma))
+                    coeff_b.append(pop.sign_of(member) * math.sqrt(sigma / rank))
+                    members.append(path)
+            rows_t = torch.tensor(rows)
+            coeff_a_t = torch.tensor(coeff_a, dtype=torch.float32).view(-1, 1, 1)
+            coeff_b_t = torch.tensor(coeff_b, dtype=torch.float32).view(-1, 1, 1)
+            tensors: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = [{} for _ in members]
+            offset = 0
+            for target, (m, n) in zip(targets, shapes, strict=True):
+                z = block[:, offset : offset + (m + n) * rank].unflatten(1, (m + n, rank)).index_select(0, rows_t)
+                offset += (m + n) * rank
+                lora_a = (z[:, m:].transpose(1, 2) * coeff_a_t).to(dtype).contiguous()  # (members, r, n)
+                lora_b = (z[:, :m] * coeff_b_t).to(dtype).contiguous()  # (members, m, r)
+                name = target.param.removesuffix(".weight")
+                for member_tensors, pair in zip(
+                    tensors, zip(lora_a.unbind(0), lora_b.unbind(0), strict=True), strict=True
+                ):
+                    member_tensors[name] = pair
+            for path, member_tensors in zip(members, tensors, strict=True):
+                out[path] = member_tensors
+                # One noise epoch is cached: its adapters are rebuilt from here after a merge
+                # drops vLLM's copies (noise reuse), and the next epoch replaces it.
+                seed, epoch = parse_member_path(path)[:2]
+                if self._es_cache_epoch != (seed, epoch):
+                    self._es_cache, self._es_cache_epoch = {}, (seed, epoch)
+                self._es_cache[path] = member_tensors
         return out
 
     def _es_load_adapter(self, request):
@@ -242,8 +318,16 @@ class ESWorkerExtension:
             return 0  # more members than slots: vLLM activates them batch by batch as it schedules them
         resident = [(p, i) for p, i in members if i in slots._active_adapters]
         missing = [(p, i) for p, i in members if i not in slots._active_adapters]
-        for path, i in resident + missing:
-            manager.add_adapter(LoRARequest(lora_name=path, lora_int_id=i, lora_path=path))
+        queued = [m for m in slots.modules.values() if hasattr(m, "_es_slot_queue")]
+        for module in queued:
+            module._es_slot_queue = {}
+        try:
+            for path, i in resident + missing:
+                manager.add_adapter(LoRARequest(lora_name=path, lora_int_id=i, lora_path=path))
+        finally:
+            # Written even if an activation failed: the adapters vLLM marked active must hold their weights.
+            for module in queued:
+                _write_queued_slots(module)
         return len(missing)
 
     def es_apply_update(

@@ -28,6 +28,9 @@
 #endif
 
 #define ES_MAX_RANK 512
+#define ES_BLOCK 256   /* outputs per block of B kept in L1 */
+#define ES_GROUP 8     /* tokens of one member handled together */
+#define ES_WIDE_RANK 8 /* ranks up to this widen B into a stack buffer of ES_WIDE_RANK x ES_BLOCK floats */
 enum { ES_F32 = 0, ES_BF16 = 1, ES_F16 = 2 };
 
 static inline float bf16_load(uint16_t v) {
@@ -132,36 +135,62 @@ static inline int64_t expand16_bf16(uint16_t *yo, const uint16_t *b0, int64_t ou
     }
     return o;
 }
+
+/* y (bf16) += sum_r h[r] B^T[r] with B already widened to float32 (ES_BLOCK floats per rank). */
+static inline int64_t wide16_bf16(uint16_t *yo, const float *wide, const float *h, int64_t rank, int64_t n) {
+    int64_t o = 0;
+    for (; o + 16 <= n; o += 16) {
+        __m512 acc = bf16x16_load(yo + o);
+        for (int64_t r = 0; r < rank; ++r)
+            acc = _mm512_fmadd_ps(_mm512_set1_ps(h[r]), _mm512_loadu_ps(wide + r * ES_BLOCK + o), acc);
+        bf16x16_store(yo + o, acc);
+    }
+    return o;
+}
 #else
 #define expand16_f32(...) ((int64_t)0)
 #define expand16_bf16(...) ((int64_t)0)
+#define wide16_bf16(...) ((int64_t)0)
 #endif
 #define expand16_f16(...) ((int64_t)0)
+#define wide16_f16(...) ((int64_t)0)
+#define wide16_f32(...) ((int64_t)0)
 
 /* A group of tokens of one member: h_j = scale * A_s x_j (rank r), then y_j += B_s h_j.
  * B arrives transposed, (rank, out) per slot, so the update is r contiguous axpys, and each block
  * of B is read once for the whole group while it sits in L1 (a decode batch has P tokens per
  * member; reading the member's rows once instead of P times keeps the kernel off the memory bus).
- * Each output element is rounded once. */
-#define ES_BLOCK 256
-#define ES_GROUP 8
-#define ES_GROUP_FN(NAME, T, LOAD, STORE, DOT, EXPAND16)                                                \
+ * In bf16 and f16 the block is widened to float32 once per group, not once per token: the
+ * per-token loop is then one load, one widening and one multiply-add per output (the part of a
+ * decode step this kernel spends its time in). Each output element is rounded once. */
+#define ES_GROUP_FN(NAME, T, LOAD, STORE, DOT, EXPAND16, WIDE16)                                       \
     static void NAME(const T *x, const int64_t *tok, int64_t count, const T *as, const T *bts,          \
                      int64_t in, int64_t rank, int64_t out, T *y, int64_t y_stride, float scale) {     \
-        float h[ES_GROUP][ES_MAX_RANK], acc[ES_BLOCK];                                                 \
+        float h[ES_GROUP][ES_MAX_RANK], acc[ES_BLOCK], wide[ES_WIDE_RANK * ES_BLOCK];                  \
         for (int64_t j = 0; j < count; ++j)                                                            \
             for (int64_t r = 0; r < rank; ++r) h[j][r] = DOT(x + tok[j] * in, as + r * in, in) * scale; \
+        const int widen = sizeof(T) != sizeof(float) && count > 1 && rank <= ES_WIDE_RANK;             \
         for (int64_t o0 = 0; o0 < out; o0 += ES_BLOCK) {                                               \
             const int64_t n = out - o0 < ES_BLOCK ? out - o0 : ES_BLOCK;                               \
+            if (widen)                                                                                 \
+                for (int64_t r = 0; r < rank; ++r) {                                                   \
+                    const T *br = bts + r * out + o0;                                                  \
+                    _Pragma("omp simd") for (int64_t o = 0; o < n; ++o) wide[r * ES_BLOCK + o] = LOAD(br[o]); \
+                }                                                                                      \
             for (int64_t j = 0; j < count; ++j) {                                                      \
                 T *yo = y + tok[j] * y_stride + o0;                                                    \
-                const int64_t done = EXPAND16(yo, bts + o0, out, h[j], rank, n);                       \
+                const int64_t done = widen ? WIDE16(yo, wide, h[j], rank, n) : EXPAND16(yo, bts + o0, out, h[j], rank, n); \
                 if (done == n) continue;                                                               \
                 _Pragma("omp simd") for (int64_t o = done; o < n; ++o) acc[o] = LOAD(yo[o]);           \
                 for (int64_t r = 0; r < rank; ++r) {                                                   \
-                    const T *br = bts + r * out + o0;                                                  \
                     const float hr = h[j][r];                                                          \
-                    _Pragma("omp simd") for (int64_t o = done; o < n; ++o) acc[o] += hr * LOAD(br[o]); \
+                    if (widen) {                                                                       \
+                        const float *br = wide + r * ES_BLOCK;                                         \
+                        _Pragma("omp simd") for (int64_t o = done; o < n; ++o) acc[o] += hr * br[o];   \
+                    } else {                                                                           \
+                        const T *br = bts + r * out + o0;                                              \
+                        _Pragma("omp simd") for (int64_t o = done; o < n; ++o) acc[o] += hr * LOAD(br[o]); \
+                    }                                                                                  \
                 }                                                                                      \
                 _Pragma("omp simd") for (int64_t o = done; o < n; ++o) yo[o] = STORE(acc[o]);          \
             }                                                                                          \
@@ -236,9 +265,9 @@ static inline float dot_f16(const es_half *x, const es_half *a, int64_t n) {
     return acc;
 }
 
-ES_GROUP_FN(group_f32, float, f32_load, f32_store, dot_f32, expand16_f32)
-ES_GROUP_FN(group_bf16, uint16_t, bf16_load, bf16_store, dot_bf16, expand16_bf16)
-ES_GROUP_FN(group_f16, es_half, f16_load, f16_store, dot_f16, expand16_f16)
+ES_GROUP_FN(group_f32, float, f32_load, f32_store, dot_f32, expand16_f32, wide16_f32)
+ES_GROUP_FN(group_bf16, uint16_t, bf16_load, bf16_store, dot_bf16, expand16_bf16, wide16_bf16)
+ES_GROUP_FN(group_f16, es_half, f16_load, f16_store, dot_f16, expand16_f16, wide16_f16)
 
 /* Which instruction path this build uses for bf16: lets the caller report what really ran. */
 int es_member_lora_bf16_native(void) {
@@ -269,37 +298,68 @@ int es_member_lora_openmp(void) {
         }                                                                                               \
     } while (0)
 
-/* All slices of one layer for every token. A_k is (n_slots, a_rows, in) of which the first `rank`
- * rows are used (vLLM pads every slot to its max rank); B_k is given transposed, (n_slots, rank,
- * width_k). Tokens are grouped by slot (a counting sort), groups cut into units of at most
- * ES_GROUP tokens, and the units split over `threads`. Returns the number of threads that ran, or
- * -1 for arguments it cannot take (nothing is written then). */
-int es_member_lora(int dtype, const void *x, int64_t tokens, int64_t in, const void *const *a, int64_t a_rows,
-                   int64_t n_slots, const void *const *bt, const int64_t *widths, int64_t n_slices, int64_t rank,
-                   void *y, int64_t y_stride, int64_t y_offset, const int64_t *slots, float scale, int threads) {
-    if (rank < 1 || rank > ES_MAX_RANK || rank > a_rows || dtype < ES_F32 || dtype > ES_F16) return -1;
-    if (tokens <= 0) return 1;
+/* Brings the next unit's rows of A and B towards the core while this unit computes: between two
+ * decode steps the whole model streams through the caches, so every member's rows arrive from
+ * memory, and waiting for them one miss at a time was most of the kernel's time in an engine. */
+static inline void prefetch_rows(const void *p, int64_t bytes) {
+    const char *c = (const char *)p;
+    for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(c + i, 0, 3);
+}
+
+/* Tokens grouped by slot (a counting sort): order[] lists the tokens slot by slot, and unit u covers
+ * order[units[2u] .. units[2u + 1]), at most ES_GROUP tokens of one slot. The grouping depends only
+ * on the batch's slots, so an engine computes it once per step and every layer reuses it. Returns
+ * the number of units, or -1 for a slot index past n_slots. order and units hold tokens and
+ * 2 * tokens entries. */
+int64_t es_member_group(const int64_t *slots, int64_t tokens, int64_t n_slots, int64_t *order, int64_t *units) {
     int64_t *start = calloc((size_t)n_slots + 1, sizeof(int64_t));
-    int64_t *order = malloc((size_t)tokens * sizeof(int64_t));
-    int64_t *units = malloc(((size_t)tokens + (size_t)n_slots) * sizeof(int64_t));
-    int rc = -1;
-    if (!start || !order || !units) goto done;
+    int64_t *fill = malloc(((size_t)n_slots + 1) * sizeof(int64_t));
+    int64_t n_units = -1;
+    if (!start || !fill) goto done;
     for (int64_t t = 0; t < tokens; ++t) {
         if (slots[t] >= n_slots) goto done;
         if (slots[t] >= 0) ++start[slots[t] + 1];
     }
     for (int64_t s = 0; s < n_slots; ++s) start[s + 1] += start[s];
-    int64_t n_units = 0;
+    memcpy(fill, start, (size_t)n_slots * sizeof(int64_t));
+    for (int64_t t = 0; t < tokens; ++t)
+        if (slots[t] >= 0) order[fill[slots[t]]++] = t;
+    n_units = 0;
     for (int64_t s = 0; s < n_slots; ++s)
-        for (int64_t i = start[s]; i < start[s + 1]; i += ES_GROUP) units[n_units++] = i;
-    {
-        int64_t *fill = malloc((size_t)n_slots * sizeof(int64_t));
-        if (!fill) goto done;
-        memcpy(fill, start, (size_t)n_slots * sizeof(int64_t));
-        for (int64_t t = 0; t < tokens; ++t)
-            if (slots[t] >= 0) order[fill[slots[t]]++] = t;
-        free(fill);
-    }
+        for (int64_t i = start[s]; i < start[s + 1]; i += ES_GROUP) {
+            units[2 * n_units] = i;
+            units[2 * n_units + 1] = start[s + 1] < i + ES_GROUP ? start[s + 1] : i + ES_GROUP;
+            ++n_units;
+        }
+done:
+    free(start);
+    free(fill);
+    return n_units;
+}
+
+/* One layer's stacked tensors, fixed for the engine's life (vLLM allocates them once); B^T and the
+ * used rank change when adapters are written, and the caller updates them then. */
+typedef struct {
+    int64_t dtype, in, a_rows, n_slots, n_slices, rank;
+    const void *const *a;
+    const void *const *bt;
+    const int64_t *widths;
+} es_layer;
+
+/* All slices of one layer for the grouped tokens (es_member_group), the units split over `threads`.
+ * A_k is (n_slots, a_rows, in) of which the first `rank` rows are used (vLLM pads every slot to its
+ * max rank); B_k is given transposed, (n_slots, rank, width_k). Returns the number of threads that
+ * ran, or -1 for arguments it cannot take (nothing is written then). */
+int es_member_lora_units(const es_layer *layer, const int64_t *slots, const int64_t *order, const int64_t *units,
+                         int64_t n_units, const void *x, void *y, int64_t y_stride, int64_t y_offset, float scale,
+                         int threads) {
+    const int64_t dtype = layer->dtype, in = layer->in, a_rows = layer->a_rows, n_slices = layer->n_slices;
+    const int64_t rank = layer->rank;
+    const void *const *a = layer->a;
+    const void *const *bt = layer->bt;
+    const int64_t *widths = layer->widths;
+    if (rank < 1 || rank > ES_MAX_RANK || rank > a_rows || dtype < ES_F32 || dtype > ES_F16) return -1;
+    const int64_t elem = dtype == ES_F32 ? 4 : 2;
     if (threads < 1) threads = 1;
     int team = 1;
 #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
@@ -307,9 +367,16 @@ int es_member_lora(int dtype, const void *x, int64_t tokens, int64_t in, const v
 #ifdef _OPENMP
         if (u == 0) team = omp_get_num_threads();
 #endif
-        const int64_t first = units[u], s = slots[order[first]];
-        const int64_t end = start[s + 1] < first + ES_GROUP ? start[s + 1] : first + ES_GROUP;
-        const int64_t *tok = order + first, count = end - first;
+        const int64_t first = units[2 * u], s = slots[order[first]];
+        const int64_t *tok = order + first, count = units[2 * u + 1] - first;
+        if (u + 1 < n_units) {
+            const int64_t next = slots[order[units[2 * u + 2]]];
+            if (next != s)
+                for (int64_t k = 0; k < n_slices; ++k) {
+                    prefetch_rows((const char *)a[k] + next * a_rows * in * elem, rank * in * elem);
+                    prefetch_rows((const char *)bt[k] + next * rank * widths[k] * elem, rank * widths[k] * elem);
+                }
+        }
         if (dtype == ES_F32)
             ES_SLICES(float, group_f32);
         else if (dtype == ES_BF16)
@@ -317,9 +384,25 @@ int es_member_lora(int dtype, const void *x, int64_t tokens, int64_t in, const v
         else
             ES_SLICES(es_half, group_f16);
     }
-    rc = team;
-done:
-    free(start);
+    return team;
+}
+
+/* Grouping and layer in one call, for callers without a per-step plan (tests, one-off calls). */
+int es_member_lora(int dtype, const void *x, int64_t tokens, int64_t in, const void *const *a, int64_t a_rows,
+                   int64_t n_slots, const void *const *bt, const int64_t *widths, int64_t n_slices, int64_t rank,
+                   void *y, int64_t y_stride, int64_t y_offset, const int64_t *slots, float scale, int threads) {
+    if (rank < 1 || rank > ES_MAX_RANK || rank > a_rows || dtype < ES_F32 || dtype > ES_F16) return -1;
+    if (tokens <= 0) return 1;
+    int64_t *order = malloc((size_t)tokens * sizeof(int64_t));
+    int64_t *units = malloc(2 * (size_t)tokens * sizeof(int64_t));
+    int rc = -1;
+    if (order && units) {
+        const int64_t n_units = es_member_group(slots, tokens, n_slots, order, units);
+        if (n_units >= 0) {
+            const es_layer layer = {dtype, in, a_rows, n_slots, n_slices, rank, a, bt, widths};
+            rc = es_member_lora_units(&layer, slots, order, units, n_units, x, y, y_stride, y_offset, scale, threads);
+        }
+    }
     free(order);
     free(units);
     return rc;

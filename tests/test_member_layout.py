@@ -1,0 +1,125 @@
+"""The worker lays many members out at once (and writes vLLM's slots in bulk): the same tensors and slots
+as building each member alone with adapters.member_lora and vLLM's own set_lora."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from adapters import Population, Target, member_lora
+from es_serve.engines.vllm_worker import (
+    ESWorkerExtension,
+    _queue_slot_writes,
+    _write_queued_slots,
+    member_path,
+    parse_member_path,
+)
+
+TARGETS = [
+    Target(0, "q_proj", 48, 32, "model.layers.0.self_attn.q_proj.weight"),
+    Target(0, "down_proj", 32, 80, "model.layers.0.mlp.down_proj.weight"),
+    Target(1, "q_proj", 48, 32, "model.layers.1.self_attn.q_proj.weight"),
+]
+
+
+def _worker(dtype):
+    worker = SimpleNamespace(_es_cache={}, _es_cache_epoch=None, _es_targets=TARGETS)
+    worker.model_runner = SimpleNamespace(lora_manager=SimpleNamespace(lora_config=SimpleNamespace(lora_dtype=dtype)))
+    return worker
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("rank", [1, 3])
+def test_population_layout_equals_each_member_built_alone(dtype, rank):
+    pop = Population(size=6, rank=rank, sigma=0.02)
+    worker = _worker(dtype)
+    # Members out of order, one pair incomplete, and a second population in the same call.
+    other = Population(size=4, rank=rank, sigma=0.5)
+    paths = [member_path(5, 2, i, pop) for i in (3, 0, 1, 4)] + [member_path(5, 2, 1, other)]
+    built = ESWorkerExtension._es_build(worker, paths)
+    for path in paths:
+        _, _, member, p = parse_member_path(path)
+        for t in TARGETS:
+            lora_a, lora_b = member_lora(p, member, t, 5, 2)
+            got_a, got_b = built[path][t.param.removesuffix(".weight")]
+            assert got_a.dtype == got_b.dtype == dtype
+            assert got_a.shape == (rank, t.in_features) and got_b.shape == (t.out_features, rank)
+            assert got_a.is_contiguous() and got_b.is_contiguous()
+            # Bit for bit: the same float32 products, rounded once to the LoRA dtype.
+            assert torch.equal(got_a, lora_a.to(dtype)), (path, t.param)
+            assert torch.equal(got_b, lora_b.to(dtype)), (path, t.param)
+    assert set(worker._es_cache) == set(paths)  # one epoch, kept for rebuilding after a merge
+
+
+class FakeLayer:
+    """vLLM's linear LoRA layer as far as slots go: stacked tensors, reset_lora and set_lora (tp = 1)."""
+
+    def __init__(self, widths, width_in, slots, slot_rank):
+        self.n_slices, self.tp_size = len(widths), 1
+        self.lora_a_stacked = tuple(torch.zeros(slots, 1, slot_rank, width_in) for _ in widths)
+        self.lora_b_stacked = tuple(torch.zeros(slots, 1, w, slot_rank) for w in widths)
+        self.writes = 0
+
+    def reset_lora(self, index):
+        for k in range(self.n_slices):
+            self.lora_a_stacked[k][index] = 0
+            self.lora_b_stacked[k][index] = 0
+
+    def set_lora(self, index, lora_a, lora_b):
+        self.writes += 1
+        self.reset_lora(index)
+        lora_a = lora_a if isinstance(lora_a, list) else [lora_a]
+        lora_b = lora_b if isinstance(lora_b, list) else [lora_b]
+        for k in range(self.n_slices):
+            self.lora_a_stacked[k][index, 0, : lora_a[k].shape[0], : lora_a[k].shape[1]].copy_(lora_a[k])
+            self.lora_b_stacked[k][index, 0, : lora_b[k].shape[0], : lora_b[k].shape[1]].copy_(lora_b[k])
+
+
+@pytest.mark.parametrize("slot_rank", [2, 8])
+def test_queued_slot_writes_equal_vllms_one_by_one(slot_rank):
+    widths, width_in, slots = (12, 4, 4), 10, 6
+    g = torch.Generator().manual_seed(0)
+    stock, ours = FakeLayer(widths, width_in, slots, slot_rank), FakeLayer(widths, width_in, slots, slot_rank)
+    for layer in (stock, ours):  # slots holding something from before, with every padding row used
+        for t in layer.lora_a_stacked + layer.lora_b_stacked:
+            t.copy_(torch.randn(t.shape, generator=torch.Generator().manual_seed(1)))
+    _queue_slot_writes(ours)
+    writes = {
+        i: ([torch.randn(2, width_in, generator=g) for _ in widths], [torch.randn(w, 2, generator=g) for w in widths])
+        for i in (4, 0, 2)
+    }
+    for i, (a, b) in writes.items():
+        stock.set_lora(i, a, b)
+    ours._es_slot_queue = {}
+    for i, (a, b) in writes.items():
+        ours.set_lora(i, a, b)
+    assert ours.writes == 0  # queued, not written one by one
+    _write_queued_slots(ours)
+    for got, want in zip(
+        ours.lora_a_stacked + ours.lora_b_stacked, stock.lora_a_stacked + stock.lora_b_stacked, strict=True
+    ):
+        assert torch.equal(got, want)
+    # Outside es_prepare nothing is queued: vLLM's own write runs at once.
+    ours.set_lora(1, *writes[4])
+    stock.set_lora(1, *writes[4])
+    assert ours.writes == 1
+    for got, want in zip(
+        ours.lora_a_stacked + ours.lora_b_stacked, stock.lora_a_stacked + stock.lora_b_stacked, strict=True
+    ):
+        assert torch.equal(got, want)
+
+
+def test_queued_writes_of_mixed_ranks_fall_back_to_vllms_writes():
+    stock, ours = FakeLayer((6,), 5, 4, 4), FakeLayer((6,), 5, 4, 4)
+    _queue_slot_writes(ours)
+    writes = {0: (torch.ones(1, 5), torch.ones(6, 1)), 3: (torch.full((3, 5), 2.0), torch.full((6, 3), 3.0))}
+    ours._es_slot_queue = {}
+    for i, (a, b) in writes.items():
+        stock.set_lora(i, a, b)
+        ours.set_lora(i, a, b)
+    _write_queued_slots(ours)
+    assert ours.writes == 2
+    for got, want in zip(
+        ours.lora_a_stacked + ours.lora_b_stacked, stock.lora_a_stacked + stock.lora_b_stacked, strict=True
+    ):
+        assert torch.equal(got, want)

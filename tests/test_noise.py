@@ -135,6 +135,24 @@ def test_compiled_kernel_matches_numpy_bit_for_bit():
     assert (np.abs(slow_np) > nm.R).sum() > 100
 
 
+def test_draw_split_over_threads_matches_numpy_bit_for_bit(monkeypatch):
+    # Large draws are cut into runs of whole streams filled on threads; rejects keep their global
+    # positions, so the slow path finishes the right values. Forced here on a modest draw.
+    kernel = nm.load()
+    if kernel is None:
+        pytest.skip(f"no compiled noise kernel here: {nm.load_error()}")
+    monkeypatch.setattr(nm, "PARALLEL_MIN_VALUES", 1000)
+    monkeypatch.setattr(nm.os, "sched_getaffinity", lambda pid: set(range(4)), raising=False)
+    rng = np.random.default_rng(1)
+    starts = rng.integers(0, 2**64 - 1, 57, dtype=np.uint64, endpoint=True)
+    lengths = rng.integers(0, 20_000, 57)
+    a, b = np.empty(lengths.sum(), np.float32), np.empty(lengths.sum(), np.float32)
+    nm.fill(starts, lengths, a, kernel=kernel)
+    nm.fill(starts, lengths, b, kernel=False)
+    assert np.array_equal(a.view(np.uint32), b.view(np.uint32))
+    assert (np.abs(b) > nm.R).sum() > 0  # some values came through the slow path
+
+
 @pytest.mark.skipif(shutil.which(os.environ.get("CC") or "cc") is None, reason="no C compiler")
 def test_kernel_built_with_other_optimisation_and_instruction_set_gives_the_same_bits(tmp_path):
     """-O0 and -O3 -march=native (FMA units present) must not change a bit: nothing may be fused."""

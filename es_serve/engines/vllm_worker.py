@@ -114,9 +114,13 @@ def _write_queued_slots(module) -> None:
                 for i, (lora_a, lora_b) in queue.items():
                     module._es_set_lora_one(i, lora_a, lora_b)
                 return
+            source = torch.stack(sources).to(stacked.dtype).unsqueeze(1)
             if tuple(shape) != tuple(stacked.shape[2:]):
-                stacked[index] = 0  # what vLLM's reset does: the slot's padding rows stay zero
-            stacked[index, 0, : shape[0], : shape[1]] = torch.stack(sources).to(stacked.dtype)
+                # What vLLM's reset does: the rest of the slot (padding rows beyond the rank) is zero.
+                padded = stacked.new_zeros((len(sources), *stacked.shape[1:]))
+                padded[:, :, : shape[0], : shape[1]] = source
+                source = padded
+            stacked.index_copy_(0, index, source)
 
 
 def member_path(seed: int, epoch: int, member: int, pop: Population) -> str:

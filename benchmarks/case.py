@@ -193,10 +193,12 @@ def run_case(spec: dict) -> dict:
     engine.generate(prompts * n, short)
     peft.generate(Generation(pop, 7, 10**6), prompts, short)
     engine.use_kernel("es")
-    # The engine's first merge plans how merged weights reach the model and builds new GEMM kernels
-    # (about a second here, once per engine): warmed up like the GEMMs, and reported beside.
+    # The engine's first merge plans how merged weights reach the model, builds new GEMM kernels and
+    # runs the update's float32 GEMMs for the first time (about a second here, once per engine):
+    # warmed up like the GEMMs, and reported beside. Non-zero fitness so every part of a merge runs;
+    # lr 0 so the weights do not move.
     start = time.perf_counter()
-    engine.apply_update(Generation(pop, 7, 10**6), [0.0] * n, 0.0)
+    engine.apply_update(Generation(pop, 7, 10**6), [(-1.0) ** i for i in range(n)], 0.0)
     first_merge = time.perf_counter() - start
 
     a, a_stock, b, c, d_step, d_gen = [], [], [], [], [], []

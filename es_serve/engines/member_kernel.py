@@ -8,6 +8,9 @@ kernels/member_lora.c reads the rows in place and writes into the layer output d
 float32, bfloat16 or float16 (sums in float32; native bf16 dot products where the CPU has them),
 over torch's OpenMP threads when the batch is large enough to pay for waking them.
 
+Per engine step, the batch's tokens are grouped by slot once (StepGroups) and every layer of the step
+reuses that grouping; per layer, only the activations are checked and one C call runs.
+
 It is compiled once per machine with the system C compiler (a plain shared library called through
 ctypes, no torch headers, so it builds in about a second). Without a compiler, or for tensors it
 does not handle, the pure-torch `member_lora_torch` does the same sum; every such call is counted

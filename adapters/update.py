@@ -29,7 +29,7 @@ the whole delta, orders of magnitude more for any learning rate that trains.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, MutableMapping, Sequence
+from collections.abc import Callable, Iterator, MutableMapping, Sequence
 
 import torch
 
@@ -37,6 +37,9 @@ from .noise import stacked_factors
 from .optim import Optimizer, OptimizerState, begin_step, step_matrix
 from .population import Population
 from .targets import Target
+
+# (target, draws) -> the draws' stacks A (K, m, r) and B (K, n, r) if the caller holds them, else None.
+DrawnFactors = Callable[[Target, list[int]], "tuple[torch.Tensor, torch.Tensor] | None"]
 
 SCALINGS = ("mean", "sqrt")
 
@@ -102,9 +105,15 @@ def update_factors(
     lr: float,
     scaling: str = "mean",
     noise: int | None = None,
+    drawn: DrawnFactors | None = None,
 ) -> Iterator[tuple[Target, torch.Tensor | None, torch.Tensor | None]]:
     """(target, A diag(c) factor, B) per target, so delta W = first @ second^T; (target, None, None)
-    when every coefficient is zero (all-equal fitness)."""
+    when every coefficient is zero (all-equal fitness).
+
+    `drawn(target, draws)`, if given, returns the stacks A (K, m, r), B (K, n, r) of those draws when
+    the caller still holds them from serving the members (the same numbers stacked_factors would
+    draw), or None; this saves drawing the population's noise a second time at every merge.
+    """
     coeffs = draw_coefficients(pop, shaped_fitness)
     factor = update_factor(pop, lr, scaling)
     active = [k for k in range(coeffs.numel()) if coeffs[k] != 0]
@@ -112,9 +121,14 @@ def update_factors(
         if not active:
             yield target, None, None
             continue
-        a, b = stacked_factors(
-            seed, epoch, active, target.layer, target.module, target.out_features, target.in_features, pop.rank, noise
-        )
+        held = drawn(target, active) if drawn is not None else None
+        if held is not None:
+            a, b = held
+        else:
+            a, b = stacked_factors(
+                seed, epoch, active, target.layer, target.module, target.out_features, target.in_features, pop.rank,
+                noise,
+            )  # fmt: skip
         yield target, *_factors(a, b, coeffs[active], factor)
 
 
@@ -141,6 +155,7 @@ def apply_update(
     noise: int | None = None,
     optimizer: Optimizer | None = None,
     state: OptimizerState | None = None,
+    drawn: DrawnFactors | None = None,
 ) -> None:
     """Adds delta W to each float32 master weight in place (weights keyed by parameter name).
 
@@ -163,12 +178,14 @@ def apply_update(
             raise ValueError(f"learning rate must be finite, got {lr!r}")
         begin_step(optimizer, state)
         # The gradient is the update at lr = 1; the rule applies the step's lr itself.
-        for target, a_cat, b_cat in update_factors(targets, pop, seed, epoch, shaped_fitness, 1.0, scaling, noise):
+        for target, a_cat, b_cat in update_factors(
+            targets, pop, seed, epoch, shaped_fitness, 1.0, scaling, noise, drawn
+        ):
             w = weights[target.param]
             grad = torch.zeros_like(w) if a_cat is None else (a_cat @ b_cat.T).to(w.device)
             step_matrix(w, grad, state.for_param(target.param, w), optimizer, lr, state.step)
         return
-    for target, a_cat, b_cat in update_factors(targets, pop, seed, epoch, shaped_fitness, lr, scaling, noise):
+    for target, a_cat, b_cat in update_factors(targets, pop, seed, epoch, shaped_fitness, lr, scaling, noise, drawn):
         if a_cat is not None:
             w = weights[target.param]
             w.addmm_(a_cat.to(w.device), b_cat.T.to(w.device))

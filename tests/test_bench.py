@@ -45,11 +45,16 @@ def test_bench_writes_ratios_baselines_table_and_plot(tiny_model_dir, tmp_path):
         else:
             assert row[key] == pytest.approx(row[rate]["median"] / row["pure_tok_s"]["median"])
     assert data["ratio_generation"] == row["ratio_generation"] and data["ratio_step"] == row["ratio_step"]
-    # Members cost r (m + n) numbers per matrix, kept in the model's dtype: the cached factors are
-    # exactly that, no more.
+    # Members cost r (m + n) numbers per matrix, kept in the model's dtype, and the two members of an
+    # antithetic pair hold one copy of A's side (r n, n the matrix's input width): the cached factors
+    # are exactly that, no more. Input widths by hand from the tiny model's config: q, k, v, o, gate
+    # and up read the hidden state, down the intermediate one.
     mem = row["memory"]
+    cfg = json.loads((tiny_model_dir / "config.json").read_text())
+    shared = cfg["num_hidden_layers"] * (6 * cfg["hidden_size"] + cfg["intermediate_size"])  # r = 1, per pair
     assert mem["members_cached"] == 4
-    assert mem["member_cache_bytes"] == 4 * mem["numbers_per_member"] * {"float32": 4, "bfloat16": 2}[dtype]
+    numbers = 4 * mem["numbers_per_member"] - 2 * shared
+    assert mem["member_cache_bytes"] == numbers * {"float32": 4, "bfloat16": 2}[dtype]
     # Pure inference, the ratios' control, reused no cached prompt: members cannot either.
     hits = row["prefix_cache_hit_tokens"]
     assert hits["pure"] == 0 and hits["es_generation"] == 0 and hits["prompt_tokens_per_run"] > 0

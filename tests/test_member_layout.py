@@ -23,7 +23,7 @@ TARGETS = [
 
 
 def _worker(dtype):
-    worker = SimpleNamespace(_es_cache={}, _es_cache_epoch=None, _es_targets=TARGETS)
+    worker = SimpleNamespace(_es_cache={}, _es_cache_epoch=None, _es_targets=TARGETS, _es_draw_buffer=None)
     worker.model_runner = SimpleNamespace(lora_manager=SimpleNamespace(lora_config=SimpleNamespace(lora_dtype=dtype)))
     return worker
 
@@ -49,6 +49,18 @@ def test_population_layout_equals_each_member_built_alone(dtype, rank):
             assert torch.equal(got_a, lora_a.to(dtype)), (path, t.param)
             assert torch.equal(got_b, lora_b.to(dtype)), (path, t.param)
     assert set(worker._es_cache) == set(paths)  # one epoch, kept for rebuilding after a merge
+    # The next generation's draw reuses the worker's draw buffer: what this one cached is untouched.
+    snapshot = {p: {k: (a.clone(), b.clone()) for k, (a, b) in built[p].items()} for p in paths}
+    ESWorkerExtension._es_build(worker, [member_path(5, 3, i, pop) for i in range(6)])
+    for path in paths:
+        for name, (a, b) in snapshot[path].items():
+            assert torch.equal(built[path][name][0], a) and torch.equal(built[path][name][1], b)
+    # Members 0 and 1 are one antithetic pair: one copy of A's side between them, B's negated.
+    for t in TARGETS:
+        name = t.param.removesuffix(".weight")
+        (a0, b0), (a1, b1) = built[paths[1]][name], built[paths[2]][name]
+        assert a0.data_ptr() == a1.data_ptr() and b0.data_ptr() != b1.data_ptr()
+        assert torch.equal(b1, -b0)
 
 
 class FakeLayer:
@@ -123,3 +135,29 @@ def test_queued_writes_of_mixed_ranks_fall_back_to_vllms_writes():
         ours.lora_a_stacked + ours.lora_b_stacked, stock.lora_a_stacked + stock.lora_b_stacked, strict=True
     ):
         assert torch.equal(got, want)
+
+
+def test_merge_reads_the_noise_the_members_were_built_from():
+    """The merge's factors come from the block drawn for the members when it holds them: bit for bit what
+    stacked_factors draws afresh, and nothing for a step whose draws the block does not hold."""
+    from adapters import stacked_factors
+
+    pop = Population(size=6, rank=2, sigma=0.02)
+    worker = _worker(torch.bfloat16)
+    worker._es_drawn = None
+    worker._es_offsets, offset = {}, 0
+    for t in TARGETS:
+        worker._es_offsets[t.param] = offset
+        offset += t.out_features + t.in_features
+    ESWorkerExtension._es_build(worker, [member_path(5, 2, i, pop) for i in (4, 0, 1, 5)])  # draws 2 and 0
+    held = ESWorkerExtension._es_held_factors(worker, 5, 2, pop)
+    for t in TARGETS:
+        for draws in ([0, 2], [2], [2, 0]):
+            a, b = held(t, draws)
+            ref_a, ref_b = stacked_factors(5, 2, draws, t.layer, t.module, t.out_features, t.in_features, 2)
+            assert torch.equal(a, ref_a) and torch.equal(b, ref_b), (t.param, draws)
+        assert held(t, [0, 1]) is None  # draw 1 (members 2 and 3) was never drawn here
+    assert ESWorkerExtension._es_held_factors(worker, 5, 3, pop)(TARGETS[0], [0]) is None  # another epoch
+    assert ESWorkerExtension._es_held_factors(worker, 5, 2, Population(size=6, rank=1, sigma=0.02)) is None
+    other_sigma = ESWorkerExtension._es_held_factors(worker, 5, 2, Population(size=6, rank=2, sigma=0.03))
+    assert other_sigma(TARGETS[0], [0]) is None

@@ -321,3 +321,21 @@ def test_noise_reuse_epochs():
     assert [noise_epoch(s, 1) for s in range(3)] == [0, 1, 2]
     with pytest.raises(ValueError, match="noise reuse must be >= 1"):
         noise_epoch(3, 0)
+
+
+def test_draw_block_into_a_reused_buffer_gives_the_same_numbers_and_refuses_a_wrong_one():
+    from adapters import draw_block
+
+    keys = [NoiseKey(3, 1, d, 0, "q_proj") for d in range(3)]
+    shapes = [(5, 7), (2, 3), (4, 4)]
+    # Each key's draw on its own (stacked_factors fills its own array), concatenated: the block's layout.
+    parts = [stacked_factors(3, 1, [d], 0, "q_proj", m, n, 2) for d, (m, n) in enumerate(shapes)]
+    expected = torch.cat([torch.cat([a[0], b[0]]).flatten() for a, b in parts])
+    buffer = torch.full((expected.numel() + 11,), float("nan"))
+    got = draw_block(keys, shapes, 2, out=buffer)
+    assert torch.equal(got, expected) and got.data_ptr() == buffer.data_ptr()
+    assert torch.isnan(buffer[expected.numel() :]).all()  # nothing written past the block
+    with pytest.raises(ValueError, match="at least 50 numbers"):
+        draw_block(keys, shapes, 2, out=torch.empty(49))
+    with pytest.raises(ValueError, match="float32"):
+        draw_block(keys, shapes, 2, out=torch.empty(50, dtype=torch.float64))

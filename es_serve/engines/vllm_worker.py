@@ -166,6 +166,13 @@ class ESWorkerExtension:
         # Momentum / Adam buffers, float32 next to the masters; rebuilt from seeds and fitness like them.
         self._es_optim: OptimizerState | None = None
         self._es_cache: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._es_draw_buffer: torch.Tensor | None = None
+        self._es_drawn = None  # (rank, {(seed, epoch, draw, sigma): row}, block) of the last draw
+        self._es_offsets = {}  # each target's offset in a draw's row, the order _es_build lays them in
+        offset = 0
+        for t in targets:
+            self._es_offsets[t.param] = offset
+            offset += t.out_features + t.in_features
         self._es_cache_epoch = None
         # A partial reload is the point here: norms and embeddings are frozen, so vLLM's per-merge
         # warnings that they were "not loaded" are expected and would flood the log.
@@ -217,7 +224,8 @@ class ESWorkerExtension:
         The two members of an antithetic pair share their draw, so it is drawn once. Tensors are kept
         in vLLM's LoRA dtype, the form its slots take them in, so loading copies without converting.
         Laid out per matrix for all new members at once (a handful of tensor operations per matrix,
-        not per member and matrix): each member's tensors are rows of those, r (m + n) numbers each.
+        not per member and matrix): each member's tensors are rows of those, r (m + n) numbers per
+        member and matrix, of which a pair shares A's r n.
         """
         out = {p: self._es_cache[p] for p in paths if p in self._es_cache}
         draws: dict[int, dict[tuple[int, int, int, float], list[tuple[str, int, Population]]]] = {}
@@ -232,32 +240,41 @@ class ESWorkerExtension:
         for rank, by_draw in draws.items():
             keys = [NoiseKey(seed, epoch, draw, t.layer, t.module) for seed, epoch, draw, _ in by_draw for t in targets]
             per_draw = sum((m + n) * rank for m, n in shapes)
-            block = draw_block(keys, shapes * len(by_draw), rank).view(len(by_draw), per_draw)
-            rows, coeff_a, coeff_b, members = [], [], [], []
-            for row, ((_, _, _, sigma), group) in enumerate(by_draw.items()):
-                for path, member, pop in group:
-                    rows.append(row)
-                    # lora_from_factors' scalings, one per member: sqrt(sigma) on A's side, the sign and
-                    # sqrt(sigma / r) on B's (the same float32 products, so the same bits).
-                    coeff_a.append(math.sqrt(sigma))
-                    coeff_b.append(pop.sign_of(member) * math.sqrt(sigma / rank))
-                    members.append(path)
-            rows_t = torch.tensor(rows)
-            coeff_a_t = torch.tensor(coeff_a, dtype=torch.float32).view(-1, 1, 1)
-            coeff_b_t = torch.tensor(coeff_b, dtype=torch.float32).view(-1, 1, 1)
+            # One block, reused by every generation's draw (it is only read while laying out below):
+            # faulting in fresh pages for it each time cost more than the draw itself at rank 4.
+            need = per_draw * len(by_draw)
+            if self._es_draw_buffer is None or self._es_draw_buffer.numel() < need:
+                self._es_draw_buffer = None  # the old one goes before the new one is allocated
+                self._es_draw_buffer = torch.empty(need, dtype=torch.float32)
+            block = draw_block(keys, shapes * len(by_draw), rank, out=self._es_draw_buffer)
+            block = block.view(len(by_draw), per_draw)
+            # What the buffer now holds, for the merge (es_drawn); the next draw overwrites both.
+            self._es_drawn = (rank, {key: row for row, key in enumerate(by_draw)}, block)
+            # Per draw, not per member: the two members of a pair share A's side (the same tensor, as
+            # vLLM copies it into its slots and never writes it) and B's differs only by the sign,
+            # applied once per draw by an exact negation. The products are lora_from_factors' float32
+            # ones (sqrt(sigma) on A's side, sqrt(sigma / r) on B's), so the bits are its bits.
+            coeff_a = torch.tensor([math.sqrt(k[3]) for k in by_draw], dtype=torch.float32).view(-1, 1, 1)
+            coeff_b = torch.tensor([math.sqrt(k[3] / rank) for k in by_draw], dtype=torch.float32).view(-1, 1, 1)
+            members = [
+                (path, row, pop.sign_of(member))
+                for row, group in enumerate(by_draw.values())
+                for path, member, pop in group
+            ]
+            negative = any(sign < 0 for _, _, sign in members)
             tensors: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = [{} for _ in members]
             offset = 0
             for target, (m, n) in zip(targets, shapes, strict=True):
-                z = block[:, offset : offset + (m + n) * rank].unflatten(1, (m + n, rank)).index_select(0, rows_t)
+                z = block[:, offset : offset + (m + n) * rank].unflatten(1, (m + n, rank))
                 offset += (m + n) * rank
-                lora_a = (z[:, m:].transpose(1, 2) * coeff_a_t).to(dtype).contiguous()  # (members, r, n)
-                lora_b = (z[:, :m] * coeff_b_t).to(dtype).contiguous()  # (members, m, r)
+                lora_a = (z[:, m:].transpose(1, 2) * coeff_a).to(dtype).contiguous()  # (draws, r, n)
+                lora_b = (z[:, :m] * coeff_b).to(dtype).contiguous()  # (draws, m, r)
+                a_rows, b_rows = lora_a.unbind(0), lora_b.unbind(0)
+                b_neg = torch.neg(lora_b).unbind(0) if negative else b_rows
                 name = target.param.removesuffix(".weight")
-                for member_tensors, pair in zip(
-                    tensors, zip(lora_a.unbind(0), lora_b.unbind(0), strict=True), strict=True
-                ):
-                    member_tensors[name] = pair
-            for path, member_tensors in zip(members, tensors, strict=True):
+                for member_tensors, (_, row, sign) in zip(tensors, members, strict=True):
+                    member_tensors[name] = (a_rows[row], b_rows[row] if sign > 0 else b_neg[row])
+            for (path, _, _), member_tensors in zip(members, tensors, strict=True):
                 out[path] = member_tensors
                 # One noise epoch is cached: its adapters are rebuilt from here after a merge
                 # drops vLLM's copies (noise reuse), and the next epoch replaces it.
@@ -361,8 +378,30 @@ class ESWorkerExtension:
             scaling,
             optimizer=rule,
             state=self._es_optim,
+            drawn=self._es_held_factors(seed, epoch, population),
         )
         self._es_push()
+
+    def _es_held_factors(self, seed: int, epoch: int, pop: Population):
+        """The merge's noise from the block the members were built from, if it still holds this step's
+        draws (it does unless something was drawn since): the same numbers stacked_factors would draw,
+        read instead of drawn again. Both use the current noise version (neither is given another)."""
+        if self._es_drawn is None:
+            return None
+        rank, rows, block = self._es_drawn
+        if rank != pop.rank:
+            return None
+
+        def held(target, draws):
+            index = [rows.get((seed, epoch, k, pop.sigma)) for k in draws]
+            if any(i is None for i in index):
+                return None
+            m, n, r = target.out_features, target.in_features, rank
+            start = self._es_offsets[target.param] * r
+            z = block[index, start : start + (m + n) * r].view(len(index), m + n, r)
+            return z[:, :m], z[:, m:]
+
+        return held
 
     def es_set_weights(self, weights: dict[str, torch.Tensor], optimizer_state: dict | None = None) -> str:
         """Trained weights and their optimizer state (without one, the optimizer starts afresh)."""
@@ -413,12 +452,14 @@ class ESWorkerExtension:
 
     def es_memory(self) -> dict:
         """Bytes held for members: the seed-built factors cached for this epoch, and vLLM's slots."""
-        cache = sum(
-            t.numel() * t.element_size()
+        # Members share storage (a pair's A side is one tensor), so count each storage once.
+        storages = {
+            t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
             for factors in self._es_cache.values()
             for pair in factors.values()
             for t in pair
-        )
+        }
+        cache = sum(storages.values())
         slots = 0
         for module in self.model_runner.model.modules():
             for name in ("lora_a_stacked", "lora_b_stacked"):

@@ -7,9 +7,12 @@ fresh members), interleaved, at each thread count asked for, with the member ker
 cumulative time of the pieces that pure inference does not pay: putting the members into vLLM's
 slots (noise draw, vLLM's LoRAModel, activation), vLLM's per-step adapter bookkeeping, and the
 member kernel. The profiler slows Python-heavy parts more than the GEMMs, so read the shares as an
-upper bound.
+upper bound. Each timed repeat also records, without the profiler, how long putting the members into
+slots took (part of the member generation) and the merge that follows it (fitness +1 / -1 by member,
+lr 0, so the weights do not move and every repeat merges the same amount of work).
 
     python -m benchmarks.profile_members --dtype bfloat16 --threads 1 2 --json benchmarks/results/profile_members.json
+    python -m benchmarks.profile_members --dtype bfloat16 --rank 4 --json benchmarks/results/profile_members_r4.json
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.profile_members", description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"))
     parser.add_argument("--population", type=int, default=32)
+    parser.add_argument("--rank", type=int, default=1)
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2)
@@ -60,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.population < 2 or args.population % 2:
         parser.error(f"--population must be an even number >= 2, got {args.population}")
+    if args.rank < 1:
+        parser.error(f"--rank must be >= 1, got {args.rank}")
     if any(t < 1 for t in args.threads):
         parser.error(f"--threads must be >= 1, got {args.threads}")
 
@@ -71,8 +77,20 @@ def main(argv: list[str] | None = None) -> int:
     from es_serve.models import resolve_model
     from es_serve.types import Generation, Sampling
 
-    pop = Population(args.population, 1, 5e-3)
+    pop = Population(args.population, args.rank, 5e-3)
     engine = VLLMEngine(resolve_model("smollm2-135m"), pop, args.prompts, args.max_tokens, dtype=args.dtype)
+    prepared = []  # seconds of each es_prepare call (the members put into slots)
+    rpc = engine._rpc
+
+    def timed_rpc(method, *rpc_args):
+        start = time.perf_counter()
+        result = rpc(method, *rpc_args)
+        if method == "es_prepare":
+            prepared.append(time.perf_counter() - start)
+        return result
+
+    engine._rpc = timed_rpc
+    fitness = torch.tensor([(-1.0) ** i for i in range(pop.size)])
     prompts = [f"What is {a} + {b}?" for a, b in ((3, 4), (10, 7), (8, 15), (2, 19), (6, 6), (1, 9))][: args.prompts]
     sampling = Sampling(max_tokens=args.max_tokens, ignore_eos=True)
     engine.generate(prompts * pop.size, sampling)  # warm-up
@@ -84,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         # kernel (which reads it every engine step) use.
         torch.set_num_threads(threads)
         engine.generate_population(Generation(pop, 0, epoch, 1), prompts, sampling)  # warm-up at this count
+        engine.apply_update(Generation(pop, 0, epoch, 1), fitness, 0.0)  # an engine's first merge plans, once
         epoch += 1
         runs = []
         for rep in range(args.repeats):
@@ -96,21 +115,26 @@ def main(argv: list[str] | None = None) -> int:
             engine.generate_population(Generation(pop, 0, epoch, 1), prompts, sampling)
             members = time.perf_counter() - t
             kernel = engine.kernel_report()["kernel_seconds"] - kernel_before
+            prep = prepared[-1]
+            t = time.perf_counter()
+            engine.apply_update(Generation(pop, 0, epoch, 1), fitness, 0.0)
+            merge = time.perf_counter() - t
             epoch += 1
             runs.append(
                 {"pure_s": pure, "members_s": members, "ratio": pure / members, "kernel_s": kernel,
-                 "kernel_share": kernel / members}
+                 "kernel_share": kernel / members, "prepare_s": prep, "merge_s": merge}
             )  # fmt: skip
             print(
                 f"{threads} thread(s), repeat {rep + 1}: pure {pure:.2f} s, members {members:.2f} s, "
-                f"ratio {pure / members:.3f}, member kernel {kernel:.3f} s ({100 * kernel / members:.1f} %)",
+                f"ratio {pure / members:.3f}, member kernel {kernel:.3f} s ({100 * kernel / members:.1f} %), "
+                f"into slots {prep:.3f} s, merge {merge:.3f} s",
                 flush=True,
             )
         by_threads[str(threads)] = {
             "runs": runs,
-            "ratio_median": statistics.median(r["ratio"] for r in runs),
-            "kernel_share_median": statistics.median(r["kernel_share"] for r in runs),
-        }
+            **{f"{key}_median": statistics.median(r[key] for r in runs)
+               for key in ("ratio", "kernel_share", "kernel_s", "prepare_s", "merge_s")},
+        }  # fmt: skip
     torch.set_num_threads(default_threads)
     profile = cProfile.Profile()
     profile.enable()
@@ -125,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         "dtype": engine.dtype,
         "kernel": engine.lora_kernel,
         "population": pop.size,
+        "rank": pop.rank,
         "prompts": args.prompts,
         "max_tokens": args.max_tokens,
         "threads": by_threads,

@@ -122,12 +122,7 @@ def test_compiled_kernel_matches_numpy_bit_for_bit():
     if kernel is None:
         pytest.skip(f"no compiled noise kernel here: {nm.load_error()}")
     rng = np.random.default_rng(0)
-    starts = rng.integers(0, 2**64 - 1, 40, dtype=np.uint64, endpoint=True)
-    lengths = rng.integers(0, 50_000, 40)
-    a, b = np.empty(lengths.sum(), np.float32), np.empty(lengths.sum(), np.float32)
-    nm.fill(starts, lengths, a, kernel=kernel)
-    nm.fill(starts, lengths, b, kernel=False)
-    assert np.array_equal(a.view(np.uint32), b.view(np.uint32))
+    _assert_kernel_fill_equals_numpy(kernel, rng, streams=40, longest=50_000)
     # Every position through the slow path, whatever its first word: wedges, redraws and ~800 tails.
     s, p = rng.integers(0, 2**63, 200_000, dtype=np.uint64), rng.integers(0, 2**40 - 1, 200_000)
     slow_c, slow_np = nm._slow_c(kernel, s, p), nm._slow(s, p)
@@ -143,14 +138,19 @@ def test_draw_split_over_threads_matches_numpy_bit_for_bit(monkeypatch):
         pytest.skip(f"no compiled noise kernel here: {nm.load_error()}")
     monkeypatch.setattr(nm, "PARALLEL_MIN_VALUES", 1000)
     monkeypatch.setattr(nm.os, "sched_getaffinity", lambda pid: set(range(4)), raising=False)
-    rng = np.random.default_rng(1)
-    starts = rng.integers(0, 2**64 - 1, 57, dtype=np.uint64, endpoint=True)
-    lengths = rng.integers(0, 20_000, 57)
+    values = _assert_kernel_fill_equals_numpy(kernel, np.random.default_rng(1), streams=57, longest=20_000)
+    assert (np.abs(values) > nm.R).sum() > 0  # some values came through the slow path
+
+
+def _assert_kernel_fill_equals_numpy(kernel, rng, streams: int, longest: int) -> np.ndarray:
+    """Random streams filled by the compiled kernel and by numpy: the same bits. Returns the values."""
+    starts = rng.integers(0, 2**64 - 1, streams, dtype=np.uint64, endpoint=True)
+    lengths = rng.integers(0, longest, streams)
     a, b = np.empty(lengths.sum(), np.float32), np.empty(lengths.sum(), np.float32)
     nm.fill(starts, lengths, a, kernel=kernel)
     nm.fill(starts, lengths, b, kernel=False)
     assert np.array_equal(a.view(np.uint32), b.view(np.uint32))
-    assert (np.abs(b) > nm.R).sum() > 0  # some values came through the slow path
+    return b
 
 
 @pytest.mark.skipif(shutil.which(os.environ.get("CC") or "cc") is None, reason="no C compiler")

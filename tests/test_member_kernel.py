@@ -281,3 +281,68 @@ def test_engine_step_path_matches_float64_sum_on_a_large_shuffled_batch(rank, dt
         check(got, y, x, a, b, slots, widths, 0.5)
     report = member_kernel.report([punica])
     assert report["fallback_calls"] == {} and report["kernel_threads_max"] == 2
+
+
+@pytest.mark.parametrize("rank", [1, 4, 9])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_antithetic_pairs_read_once_give_each_members_own_bits(rank, dtype):
+    # Slots holding a pair's two members (same A, B negated, as es_prepare writes them) share their
+    # units: the output must be bit for bit what reading every slot's own rows gives, and within the
+    # float64 bound. A write to the layer after the claim must end the sharing for that layer.
+    from es_serve.engines.member_kernel import PairClaim, layer_versions
+
+    g = torch.Generator().manual_seed(10 + rank)
+    n_slots, tokens, widths, width_in = 24, 300, (40, 3, 17), 77
+    slots = torch.randint(-1, n_slots, (tokens,), generator=g)
+    a = tuple(torch.randn(n_slots, 1, rank, width_in, generator=g).to(dtype) for _ in widths)
+    b = tuple(torch.randn(n_slots, 1, w, rank, generator=g).to(dtype) for w in widths)
+    order = torch.randperm(n_slots, generator=g).tolist()
+    canon = torch.arange(n_slots)
+    for plus, minus in zip(order[:20:2], order[1:20:2], strict=True):  # 10 pairs, 4 slots alone
+        canon[minus] = plus
+        for t in a:
+            t[minus].copy_(t[plus])
+        for t in b:
+            t[minus].copy_(-t[plus])
+    x = torch.randn(tokens, width_in, generator=g).to(dtype)
+    y = torch.randn(tokens, sum(widths), generator=g).to(dtype)
+
+    own = PunicaWrapperCPU(slots.tolist())
+    member_kernel.install(own)
+    own.update_metadata()
+    want = y.clone()
+    own.add_lora_linear(want, x, a, b, 0.5, widths)
+    assert member_kernel.report([own])["paired_calls"] == 0
+
+    shared = PunicaWrapperCPU(slots.tolist())
+    member_kernel.install(shared)
+    shared._es_claim = PairClaim(canon, {id(a): layer_versions(a, b)})
+    shared._es_stats.threads = 2
+    shared.update_metadata()
+    shared._es_stats.threads = 2
+    got = y.clone()
+    shared.add_lora_linear(got, x, a, b, 0.5, widths)
+    assert member_kernel.report([shared])["paired_calls"] == 1
+    assert torch.equal(got, want)
+    check(got, y, x, a, b, slots, widths, 0.5)
+
+    # vLLM writes another adapter into a minus member's slot: the layer reads each slot's own rows.
+    minus = order[1]
+    for t in b:
+        t[minus, 0].copy_(torch.randn(t.shape[2:], generator=g).to(dtype))
+    got = y.clone()
+    shared.add_lora_linear(got, x, a, b, 0.5, widths)
+    assert member_kernel.report([shared])["paired_calls"] == 1
+    check(got, y, x, a, b, slots, widths, 0.5)
+
+
+def test_pair_claims_that_group_more_than_a_pair_are_refused():
+    from es_serve.engines.member_kernel import PairClaim
+
+    with pytest.raises(ValueError, match="more than two"):
+        PairClaim(torch.tensor([0, 0, 0, 3]), {})
+    with pytest.raises(ValueError, match="itself grouped"):
+        PairClaim(torch.tensor([1, 2, 2, 3]), {})
+    with pytest.raises(ValueError, match=r"\[0, 4\)"):
+        PairClaim(torch.tensor([0, 1, 5, 3]), {})
+    assert PairClaim(torch.tensor([0, 0, 2, 2]), {}).pairs == 2

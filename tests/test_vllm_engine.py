@@ -55,14 +55,25 @@ def test_auto_dtype_members_match_the_float64_reference(tiny_model_dir):
                 requests.append({"prompt_token_ids": engine.encode(p)})
                 loras.append(engine._lora(gen, i))
         params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=top)
+        # Put into slots as the trainer does, so each antithetic pair's rows are read once for both.
+        engine._rpc("es_prepare", [(lora.lora_path, lora.lora_int_id) for lora in loras[:: len(PROMPTS)]])
         outputs = engine.llm.generate(requests, params, lora_request=loras, use_tqdm=False)
         kernel = engine.lora_kernel
         report = engine.kernel_report()
+        engine._rpc("es_prepare", [])  # withdraws the pair claim: every slot reads its own rows
+        own_rows = engine.llm.generate(requests, params, lora_request=loras, use_tqdm=False)
+        after = engine.kernel_report()
     finally:
         engine.close()
     name = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}[engine.dtype]
     assert kernel == f"es-c-{name}", report
     assert report["fallback_calls"] == {}
+    assert report["paired_calls"] > 0 and after["paired_calls"] == report["paired_calls"]
+    # Reading a pair's rows once gives each member its own bits: identical log-probabilities.
+    for shared, own in zip(outputs, own_rows, strict=True):
+        assert {t: lp.logprob for t, lp in shared.outputs[0].logprobs[0].items()} == {
+            t: lp.logprob for t, lp in own.outputs[0].logprobs[0].items()
+        }
 
     dense = DenseEngine(tiny_model_dir, dtype=torch.float64)
     errors, moves = [], []
@@ -228,6 +239,7 @@ def test_member_kernel_serves_the_members(engines):
     assert engine.lora_kernel == "es-c-f32"
     report = engine.kernel_report()
     assert report["fallback_calls"] == {} and report["fast_calls"]["f32"] > 0
+    assert report["paired_calls"] > 0  # antithetic pairs read their rows once (tokens equal dense's above)
 
 
 def test_plain_requests_in_a_member_batch_stay_unperturbed(engines):

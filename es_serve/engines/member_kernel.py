@@ -9,7 +9,9 @@ float32, bfloat16 or float16 (sums in float32; native bf16 dot products where th
 over torch's OpenMP threads when the batch is large enough to pay for waking them.
 
 Per engine step, the batch's tokens are grouped by slot once (StepGroups) and every layer of the step
-reuses that grouping; per layer, only the activations are checked and one C call runs.
+reuses that grouping; per layer, only the activations are checked and one C call runs. The two
+members of an antithetic pair share one group (PairClaim): their slots hold the same A and negated
+B, so the pair's rows are read once for both.
 
 It is compiled once per machine with the system C compiler (a plain shared library called through
 ctypes, no torch headers, so it builds in about a second). Without a compiler, or for tensors it
@@ -116,10 +118,12 @@ def open_library(path: Path) -> tuple[ctypes.CDLL, dict]:
         ctypes.c_int,
     ]  # fmt: skip
     lib.es_member_group.restype = i64
-    lib.es_member_group.argtypes = [ptr, i64, i64, ptr, ptr]  # slots, tokens, slots bound, order, units
+    lib.es_member_group.argtypes = [ptr, i64, i64, ptr, ptr, ptr]  # slots, tokens, slots bound, canon, order, units
     lib.es_member_lora_units.restype = ctypes.c_int
-    # layer, slots, order, units, units count, x, y, y row stride, y offset, scale, threads
-    lib.es_member_lora_units.argtypes = [ptr, ptr, ptr, ptr, i64, ptr, ptr, i64, i64, ctypes.c_float, ctypes.c_int]
+    # layer, slots, canon, order, units, units count, x, y, y row stride, y offset, scale, threads
+    lib.es_member_lora_units.argtypes = [
+        ptr, ptr, ptr, ptr, ptr, i64, ptr, ptr, i64, i64, ctypes.c_float, ctypes.c_int,
+    ]  # fmt: skip
     info = {
         "library": path.name,
         "openmp": bool(lib.es_member_lora_openmp()),
@@ -183,6 +187,7 @@ class KernelStats:
         self.threads = 1  # torch's compute threads in the engine
         self.team = 0  # most threads one kernel call really ran on
         self.seconds = 0.0  # wall time inside the C kernel: the LoRA term's own cost (benchmarks read it)
+        self.paired = 0  # kernel calls that read each antithetic pair's rows once for both members
 
     def add_fast(self, name: str) -> None:
         self.fast[name] = self.fast.get(name, 0) + 1
@@ -197,6 +202,7 @@ class KernelStats:
             "threads": self.threads,
             "kernel_threads_max": self.team,
             "kernel_seconds": self.seconds,
+            "paired_calls": self.paired,
         }
 
 
@@ -213,9 +219,13 @@ def describe(report: dict) -> str:
 
 
 def merge_reports(reports) -> dict:
-    out = {"fast_calls": {}, "fallback_calls": {}, "threads": 1, "kernel_threads_max": 0, "kernel_seconds": 0.0}
+    out = {
+        "fast_calls": {}, "fallback_calls": {}, "threads": 1, "kernel_threads_max": 0, "kernel_seconds": 0.0,
+        "paired_calls": 0,
+    }  # fmt: skip
     for r in reports:
         out["kernel_seconds"] += r.get("kernel_seconds", 0.0)
+        out["paired_calls"] += r.get("paired_calls", 0)
         for key in ("fast_calls", "fallback_calls"):
             for k, v in r[key].items():
                 out[key][k] = out[key].get(k, 0) + v
@@ -237,7 +247,44 @@ class _LayerStruct(ctypes.Structure):
         ("a", ctypes.c_void_p),
         ("bt", ctypes.c_void_p),
         ("widths", ctypes.c_void_p),
+        ("paired", ctypes.c_int64),
     ]
+
+
+class PairClaim:
+    """Which slots hold the two members of an antithetic pair, as their writer vouches for.
+
+    A pair's members are one draw: the same A, and B negated for the minus member (see the worker's
+    `_es_build`). Where a layer's slots still hold what was written when the claim was made, the
+    kernel reads the plus member's rows once for the tokens of both and negates the minus member's
+    rank-r projection, which gives its bits exactly: at rank 4 the members' rows are most of what a
+    decode step's LoRA term streams from memory, so this halves it. The claim holds per layer only
+    while the layer's stacked tensors are at the versions recorded with it; any later write to a
+    layer's slots (vLLM loading another adapter) makes that layer read every slot's own rows again.
+
+    canon: int64, one entry per slot: the plus member's slot for a minus member's, else the slot itself.
+    versions: per layer (keyed by id of its tuple of stacked A tensors), the tensors' version counters.
+    """
+
+    def __init__(self, canon: torch.Tensor, versions: dict[int, tuple[int, ...]]):
+        canon = canon.to(torch.int64).contiguous()
+        n = canon.numel()
+        if canon.dim() != 1 or bool(((canon < 0) | (canon >= n)).any()):
+            raise ValueError(f"canon must list a slot in [0, {n}) for each of the {n} slots")
+        index = torch.arange(n)
+        partnered = canon != index
+        # A pair is two slots: a minus slot points at a plus slot that points at itself, and no two
+        # minus slots share one plus slot (the kernel negates every token not of the canonical slot).
+        if bool((canon[canon[partnered]] != canon[partnered]).any()):
+            raise ValueError("canon points a slot at a slot that is itself grouped under another")
+        if int(partnered.sum()) != torch.unique(canon[partnered]).numel():
+            raise ValueError("canon groups more than two slots together")
+        self.canon, self.versions, self.pairs = canon, dict(versions), int(partnered.sum())
+
+
+def layer_versions(a_stacked, b_stacked) -> tuple[int, ...]:
+    """The version counters LayerPlan watches: any in-place write to a layer's slots changes them."""
+    return tuple(t._version for t in a_stacked) + tuple(t._version for t in b_stacked)
 
 
 class StepGroups:
@@ -254,18 +301,24 @@ class StepGroups:
         self.tokens = 0
         self.bound = 0  # one past the largest slot used
         self.n_units = -1
+        self.claim: PairClaim | None = None  # the pairs this step's units group together
+        self.canon_ptr = None
 
-    def update(self, lib, slots: torch.Tensor) -> None:
+    def update(self, lib, slots: torch.Tensor, claim: PairClaim | None = None) -> None:
         self.slots, self.tokens = slots, slots.shape[0]
         self.n_units = -1
+        self.claim, self.canon_ptr = None, None
         if lib is None or self.tokens == 0:
             return
         if self.order.numel() < self.tokens:
             self.order = torch.empty(self.tokens, dtype=torch.int64)
             self.units = torch.empty(2 * self.tokens, dtype=torch.int64)
         self.bound = int(slots.max()) + 1
+        if claim is not None and claim.pairs and self.bound <= claim.canon.numel():
+            self.claim, self.canon_ptr = claim, claim.canon.data_ptr()
+            self.bound = claim.canon.numel()  # canonical slots may lie past the batch's largest slot
         self.n_units = lib.es_member_group(
-            slots.data_ptr(), self.tokens, self.bound, self.order.data_ptr(), self.units.data_ptr()
+            slots.data_ptr(), self.tokens, self.bound, self.canon_ptr, self.order.data_ptr(), self.units.data_ptr()
         )
         self.slots_ptr, self.order_ptr, self.units_ptr = slots.data_ptr(), self.order.data_ptr(), self.units.data_ptr()
 
@@ -283,6 +336,7 @@ class LayerPlan:
     def __init__(self, a_stacked, b_stacked, output_slices):
         self.a, self.b, self.widths = a_stacked, b_stacked, tuple(output_slices)
         self.versions = None
+        self.paired = False
         self.reason = self._check()
         if self.reason is None:
             a0 = a_stacked[0]
@@ -301,7 +355,7 @@ class LayerPlan:
 
     def refresh(self) -> None:
         """Re-reads the used rank and B's transpose if vLLM wrote adapters since the last call."""
-        versions = tuple(t._version for t in self.a) + tuple(t._version for t in self.b)
+        versions = layer_versions(self.a, self.b)
         if versions == self.versions:
             return
         rank = 0
@@ -342,15 +396,23 @@ class LayerPlan:
         return None
 
 
-def _run(plan: LayerPlan, y, x, slots, scale, threads, stats) -> str | None:
-    """Runs the C kernel, or returns why it cannot take this call."""
-    lib = load()
+def _refusal(lib, plan: LayerPlan, y, x) -> str | None:
+    """Why neither entry point can take this call, for the reasons both share; None if they might."""
     if lib is None:
         return "no compiled kernel"
     if plan.reason is not None:
         return plan.reason
     if x.dtype != plan.dtype or y.dtype != plan.dtype:
         return f"activations {str(x.dtype).removeprefix('torch.')}, lora {str(plan.dtype).removeprefix('torch.')}"
+    return None
+
+
+def _run(plan: LayerPlan, y, x, slots, scale, threads, stats) -> str | None:
+    """Runs the C kernel, or returns why it cannot take this call."""
+    lib = load()
+    reason = _refusal(lib, plan, y, x)
+    if reason is not None:
+        return reason
     if y.dim() != 2 or y.stride(1) != 1 or x.dim() != 2 or x.shape[1] != plan.width_in:
         return "activations not (tokens, features) with unit column stride"
     if y.shape[1] < sum(plan.widths) or slots.dtype != torch.int64 or slots.shape[0] != x.shape[0]:
@@ -385,12 +447,9 @@ def _run_grouped(plan: LayerPlan, y, x, groups: StepGroups, scale, threads, stat
 
     Only what can differ between the layers of one step is checked here.
     """
-    if _library is None:
-        return "no compiled kernel"
-    if plan.reason is not None:
-        return plan.reason
-    if x.dtype != plan.dtype or y.dtype != plan.dtype:
-        return f"activations {str(x.dtype).removeprefix('torch.')}, lora {str(plan.dtype).removeprefix('torch.')}"
+    reason = _refusal(_library, plan, y, x)
+    if reason is not None:
+        return reason
     if x.shape[0] != groups.tokens or x.shape[1] != plan.width_in or y.stride(1) != 1 or y.shape[1] < plan.total_width:
         return "activations not (tokens, features) with unit column stride"
     if groups.n_units < 0 or groups.bound > plan.n_slots:
@@ -403,15 +462,21 @@ def _run_grouped(plan: LayerPlan, y, x, groups: StepGroups, scale, threads, stat
         return None
     if groups.tokens * plan.work < PARALLEL_MIN_WORK or not _info.get("threads_ok", False):
         threads = 1
+    claim = groups.claim
+    paired = claim is not None and claim.versions.get(id(plan.a)) == plan.versions
+    if paired != plan.paired:
+        plan.paired = paired
+        plan.struct.paired = int(paired)
     start = time.perf_counter()
     rc = _library.es_member_lora_units(
-        plan.struct_ptr, groups.slots_ptr, groups.order_ptr, groups.units_ptr, groups.n_units, x.data_ptr(),
-        y.data_ptr(), y.stride(0), 0, scale, threads,
+        plan.struct_ptr, groups.slots_ptr, groups.canon_ptr, groups.order_ptr, groups.units_ptr, groups.n_units,
+        x.data_ptr(), y.data_ptr(), y.stride(0), 0, scale, threads,
     )  # fmt: skip
     if rc < 1:
         return "kernel refused its arguments (a slot index past the stacked tensors?)"
     stats.seconds += time.perf_counter() - start
     stats.add_fast(plan.name)
+    stats.paired += paired
     if rc > stats.team:
         stats.team = rc
     return None
@@ -485,7 +550,7 @@ def install(punica) -> bool:
         punica._es_slots = punica.token_lora_indices.contiguous()
         punica._es_any = bool((punica._es_slots >= 0).any())
         if punica._es_any:
-            groups.update(load(), punica._es_slots)
+            groups.update(load(), punica._es_slots, getattr(punica, "_es_claim", None))
         # vLLM fixes its compute threads when the worker starts; read here, off the per-layer path.
         stats.threads = torch.get_num_threads()
 
@@ -529,6 +594,18 @@ def install(punica) -> bool:
     punica.add_lora_embedding = add_lora_embedding
     punica._es_kernel = True
     return True
+
+
+def set_claim(punica, claim: PairClaim | None) -> None:
+    """Gives a wrapper the pairs its slots now hold (None: none), effective from its next layer call.
+
+    vLLM calls update_metadata only when a batch's slot mapping changes, so the step's grouping is
+    redone here rather than waiting for it.
+    """
+    punica._es_claim = claim
+    groups = getattr(punica, "_es_groups", None)
+    if groups is not None and getattr(punica, "_es_any", False) and groups.slots is punica._es_slots:
+        groups.update(load(), punica._es_slots, claim)
 
 
 def uninstall(punica) -> None:

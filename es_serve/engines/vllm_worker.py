@@ -336,6 +336,7 @@ class ESWorkerExtension:
         members = [(path, i) for path, i in dict(adapters).items() if path.startswith(SCHEME)]
         self._es_build([path for path, i in members if i not in slots._active_adapters])
         if len(members) > slots.lora_slots:
+            self._es_claim_pairs([])
             return 0  # more members than slots: vLLM activates them batch by batch as it schedules them
         resident = [(p, i) for p, i in members if i in slots._active_adapters]
         missing = [(p, i) for p, i in members if i not in slots._active_adapters]
@@ -349,7 +350,43 @@ class ESWorkerExtension:
             # Written even if an activation failed: the adapters vLLM marked active must hold their weights.
             for module in queued:
                 _write_queued_slots(module)
+        self._es_claim_pairs(members)
         return len(missing)
+
+    def _es_claim_pairs(self, members: list[tuple[str, int]]) -> None:
+        """Tells the member kernel which slots now hold both members of an antithetic pair.
+
+        Called right after `es_prepare` wrote the slots: each pair's members came from one draw of
+        `_es_build` (A the same tensor, B negated for the minus member), so the slots hold exactly
+        that, and the kernel can read the pair's rows once. The claim records the layers' version
+        counters now; a layer written after this (vLLM loading any other adapter) stops using it.
+        """
+        if not self._es_kernel:
+            return
+        from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
+
+        from .member_kernel import PairClaim, layer_versions, set_claim
+
+        manager = self.model_runner.lora_manager._adapter_manager
+        modules = [m for m in manager.modules.values() if isinstance(m, BaseLinearLayerWithLoRA)]
+        claim = None
+        if members and modules:
+            by_id = {i: path for path, i in members}
+            draws: dict[tuple, dict[int, int]] = {}
+            for slot, adapter in enumerate(manager.lora_index_to_id):
+                path = by_id.get(adapter)
+                if path is not None:
+                    seed, epoch, member, pop = parse_member_path(path)
+                    key = (seed, epoch, pop.draw_of(member), pop.sigma, pop.rank)
+                    draws.setdefault(key, {})[pop.sign_of(member)] = slot
+            canon = torch.arange(modules[0].lora_a_stacked[0].shape[0])
+            for signs in draws.values():
+                if len(signs) == 2 and 1 in signs and -1 in signs:
+                    canon[signs[-1]] = signs[1]
+            versions = {id(m.lora_a_stacked): layer_versions(m.lora_a_stacked, m.lora_b_stacked) for m in modules}
+            claim = PairClaim(canon, versions)
+        for wrapper in manager.punica_wrapper_mapping.values():
+            set_claim(wrapper, claim)
 
     def es_apply_update(
         self,

@@ -178,6 +178,9 @@ static inline int64_t wide16_bf16(uint16_t *yo, const float *wide, const float *
 #define wide16_f32(...) ((int64_t)0)
 
 /* A group of tokens of one member: h_j = scale * A_s x_j (rank r), then y_j += B_s h_j.
+ * With `neg`, the group also holds tokens of the member's antithetic partner (neg[j] = 1), whose
+ * slot holds the same A and B negated: h_j is negated instead, which gives the partner's bits
+ * exactly (negation is exact and round-to-nearest is symmetric), and both read the rows once.
  * B arrives transposed, (rank, out) per slot, so the update is r contiguous axpys, and each block
  * of B is read once for the whole group while it sits in L1 (a decode batch has P tokens per
  * member; reading the member's rows once instead of P times keeps the kernel off the memory bus).
@@ -185,11 +188,15 @@ static inline int64_t wide16_bf16(uint16_t *yo, const float *wide, const float *
  * per-token loop is then one load, one widening and one multiply-add per output (the part of a
  * decode step this kernel spends its time in). Each output element is rounded once. */
 #define ES_GROUP_FN(NAME, T, LOAD, STORE, DOT, EXPAND16, WIDE16)                                       \
-    static void NAME(const T *x, const int64_t *tok, int64_t count, const T *as, const T *bts,          \
-                     int64_t in, int64_t rank, int64_t out, T *y, int64_t y_stride, float scale) {     \
+    static void NAME(const T *x, const int64_t *tok, const unsigned char *neg, int64_t count, const T *as, \
+                     const T *bts, int64_t in, int64_t rank, int64_t out, T *y, int64_t y_stride,      \
+                     float scale) {                                                                    \
         float h[ES_GROUP][ES_MAX_RANK], acc[ES_BLOCK], wide[ES_WIDE_RANK * ES_BLOCK];                  \
         for (int64_t j = 0; j < count; ++j)                                                            \
-            for (int64_t r = 0; r < rank; ++r) h[j][r] = DOT(x + tok[j] * in, as + r * in, in) * scale; \
+            for (int64_t r = 0; r < rank; ++r) {                                                       \
+                const float v = DOT(x + tok[j] * in, as + r * in, in) * scale;                         \
+                h[j][r] = neg && neg[j] ? -v : v;                                                      \
+            }                                                                                          \
         const int widen = sizeof(T) != sizeof(float) && count > 1 && rank <= ES_WIDE_RANK;             \
         for (int64_t o0 = 0; o0 < out; o0 += ES_BLOCK) {                                               \
             const int64_t n = out - o0 < ES_BLOCK ? out - o0 : ES_BLOCK;                               \
@@ -308,15 +315,25 @@ int es_member_lora_openmp(void) {
 #endif
 }
 
-#define ES_SLICES(T, GROUP)                                                                             \
+#define ES_SLICES(T, GROUP, S, TOK, NEG, COUNT)                                                          \
     do {                                                                                                \
         int64_t offset = y_offset;                                                                      \
         for (int64_t k = 0; k < n_slices; ++k) {                                                        \
-            const T *as = (const T *)a[k] + s * a_rows * in;                                            \
-            const T *bs = (const T *)bt[k] + s * rank * widths[k];                                      \
-            GROUP((const T *)x, tok, count, as, bs, in, rank, widths[k], (T *)y + offset, y_stride, scale); \
+            const T *as = (const T *)a[k] + (S) * a_rows * in;                                          \
+            const T *bs = (const T *)bt[k] + (S) * rank * widths[k];                                    \
+            GROUP((const T *)x, TOK, NEG, COUNT, as, bs, in, rank, widths[k], (T *)y + offset, y_stride, scale); \
             offset += widths[k];                                                                        \
         }                                                                                               \
+    } while (0)
+
+#define ES_DISPATCH(S, TOK, NEG, COUNT)                                                                 \
+    do {                                                                                                \
+        if (dtype == ES_F32)                                                                            \
+            ES_SLICES(float, group_f32, S, TOK, NEG, COUNT);                                            \
+        else if (dtype == ES_BF16)                                                                      \
+            ES_SLICES(uint16_t, group_bf16, S, TOK, NEG, COUNT);                                        \
+        else                                                                                            \
+            ES_SLICES(es_half, group_f16, S, TOK, NEG, COUNT);                                          \
     } while (0)
 
 /* Brings the next unit's rows of A and B towards the core while this unit computes: between two
@@ -328,28 +345,39 @@ static inline void prefetch_rows(const void *p, int64_t bytes) {
 }
 
 /* Tokens grouped by slot (a counting sort): order[] lists the tokens slot by slot, and unit u covers
- * order[units[2u] .. units[2u + 1]), at most ES_GROUP tokens of one slot. The grouping depends only
- * on the batch's slots, so an engine computes it once per step and every layer reuses it. Returns
- * the number of units, or -1 for a slot index past n_slots. order and units hold tokens and
- * 2 * tokens entries. */
-int64_t es_member_group(const int64_t *slots, int64_t tokens, int64_t n_slots, int64_t *order, int64_t *units) {
-    int64_t *start = calloc((size_t)n_slots + 1, sizeof(int64_t));
-    int64_t *fill = malloc(((size_t)n_slots + 1) * sizeof(int64_t));
+ * order[units[2u] .. units[2u + 1]), at most ES_GROUP tokens. With `canon` (n_slots entries, or NULL),
+ * slot s is grouped under slot canon[s]: the slots of an antithetic pair share their groups, the
+ * canonical slot's tokens first, so a unit may hold tokens of both. The grouping depends only on the
+ * batch's slots, so an engine computes it once per step and every layer reuses it. Returns the number
+ * of units, or -1 for a slot index past n_slots. order and units hold tokens and 2 * tokens entries. */
+int64_t es_member_group(const int64_t *slots, int64_t tokens, int64_t n_slots, const int64_t *canon, int64_t *order,
+                        int64_t *units) {
+    const int64_t keys = 2 * n_slots; /* key 2c: slot c's own tokens; 2c + 1: its partner's */
+    int64_t *start = calloc((size_t)keys + 1, sizeof(int64_t));
+    int64_t *fill = malloc(((size_t)keys + 1) * sizeof(int64_t));
     int64_t n_units = -1;
     if (!start || !fill) goto done;
     for (int64_t t = 0; t < tokens; ++t) {
-        if (slots[t] >= n_slots) goto done;
-        if (slots[t] >= 0) ++start[slots[t] + 1];
+        const int64_t s = slots[t];
+        if (s >= n_slots) goto done;
+        if (s < 0) continue;
+        const int64_t c = canon ? canon[s] : s;
+        if (c < 0 || c >= n_slots) goto done;
+        ++start[2 * c + (c != s) + 1];
     }
-    for (int64_t s = 0; s < n_slots; ++s) start[s + 1] += start[s];
-    memcpy(fill, start, (size_t)n_slots * sizeof(int64_t));
-    for (int64_t t = 0; t < tokens; ++t)
-        if (slots[t] >= 0) order[fill[slots[t]]++] = t;
+    for (int64_t k = 0; k < keys; ++k) start[k + 1] += start[k];
+    memcpy(fill, start, (size_t)keys * sizeof(int64_t));
+    for (int64_t t = 0; t < tokens; ++t) {
+        const int64_t s = slots[t];
+        if (s < 0) continue;
+        const int64_t c = canon ? canon[s] : s;
+        order[fill[2 * c + (c != s)]++] = t;
+    }
     n_units = 0;
-    for (int64_t s = 0; s < n_slots; ++s)
-        for (int64_t i = start[s]; i < start[s + 1]; i += ES_GROUP) {
+    for (int64_t c = 0; c < n_slots; ++c)
+        for (int64_t i = start[2 * c]; i < start[2 * c + 2]; i += ES_GROUP) {
             units[2 * n_units] = i;
-            units[2 * n_units + 1] = start[s + 1] < i + ES_GROUP ? start[s + 1] : i + ES_GROUP;
+            units[2 * n_units + 1] = start[2 * c + 2] < i + ES_GROUP ? start[2 * c + 2] : i + ES_GROUP;
             ++n_units;
         }
 done:
@@ -365,17 +393,20 @@ typedef struct {
     const void *const *a;
     const void *const *bt;
     const int64_t *widths;
+    int64_t paired; /* every pair of the grouping's `canon` holds the same A and negated B in this layer */
 } es_layer;
 
 /* All slices of one layer for the grouped tokens (es_member_group), the units split over `threads`.
  * A_k is (n_slots, a_rows, in) of which the first `rank` rows are used (vLLM pads every slot to its
- * max rank); B_k is given transposed, (n_slots, rank, width_k). Returns the number of threads that
- * ran, or -1 for arguments it cannot take (nothing is written then). */
-int es_member_lora_units(const es_layer *layer, const int64_t *slots, const int64_t *order, const int64_t *units,
-                         int64_t n_units, const void *x, void *y, int64_t y_stride, int64_t y_offset, float scale,
-                         int threads) {
+ * max rank); B_k is given transposed, (n_slots, rank, width_k). `canon` is the grouping's (or NULL):
+ * where the layer is `paired`, a unit reads its canonical slot's rows once for the tokens of both
+ * members; otherwise each slot's tokens read their own. Returns the number of threads that ran, or
+ * -1 for arguments it cannot take (nothing is written then). */
+int es_member_lora_units(const es_layer *layer, const int64_t *slots, const int64_t *canon, const int64_t *order,
+                         const int64_t *units, int64_t n_units, const void *x, void *y, int64_t y_stride,
+                         int64_t y_offset, float scale, int threads) {
     const int64_t dtype = layer->dtype, in = layer->in, a_rows = layer->a_rows, n_slices = layer->n_slices;
-    const int64_t rank = layer->rank;
+    const int64_t rank = layer->rank, paired = layer->paired;
     const void *const *a = layer->a;
     const void *const *bt = layer->bt;
     const int64_t *widths = layer->widths;
@@ -388,22 +419,31 @@ int es_member_lora_units(const es_layer *layer, const int64_t *slots, const int6
 #ifdef _OPENMP
         if (u == 0) team = omp_get_num_threads();
 #endif
-        const int64_t first = units[2 * u], s = slots[order[first]];
+        const int64_t first = units[2 * u], s0 = slots[order[first]];
         const int64_t *tok = order + first, count = units[2 * u + 1] - first;
+        const int64_t c = canon ? canon[s0] : s0;
         if (u + 1 < n_units) {
-            const int64_t next = slots[order[units[2 * u + 2]]];
-            if (next != s)
+            const int64_t s1 = slots[order[units[2 * u + 2]]], next = canon ? canon[s1] : s1;
+            if (next != c)
                 for (int64_t k = 0; k < n_slices; ++k) {
                     prefetch_rows((const char *)a[k] + next * a_rows * in * elem, rank * in * elem);
                     prefetch_rows((const char *)bt[k] + next * rank * widths[k] * elem, rank * widths[k] * elem);
                 }
         }
-        if (dtype == ES_F32)
-            ES_SLICES(float, group_f32);
-        else if (dtype == ES_BF16)
-            ES_SLICES(uint16_t, group_bf16);
-        else
-            ES_SLICES(es_half, group_f16);
+        if (canon && paired) {
+            unsigned char neg[ES_GROUP];
+            for (int64_t j = 0; j < count; ++j) neg[j] = slots[tok[j]] != c;
+            ES_DISPATCH(c, tok, neg, count);
+        } else {
+            /* Runs of one slot (a unit holds at most a pair's two, the canonical slot's first). */
+            for (int64_t i = 0; i < count;) {
+                const int64_t s = slots[tok[i]];
+                int64_t j = i + 1;
+                while (j < count && slots[tok[j]] == s) ++j;
+                ES_DISPATCH(s, tok + i, (const unsigned char *)0, j - i);
+                i = j;
+            }
+        }
     }
     return team;
 }
@@ -418,10 +458,11 @@ int es_member_lora(int dtype, const void *x, int64_t tokens, int64_t in, const v
     int64_t *units = malloc(2 * (size_t)tokens * sizeof(int64_t));
     int rc = -1;
     if (order && units) {
-        const int64_t n_units = es_member_group(slots, tokens, n_slots, order, units);
+        const int64_t n_units = es_member_group(slots, tokens, n_slots, (const int64_t *)0, order, units);
         if (n_units >= 0) {
-            const es_layer layer = {dtype, in, a_rows, n_slots, n_slices, rank, a, bt, widths};
-            rc = es_member_lora_units(&layer, slots, order, units, n_units, x, y, y_stride, y_offset, scale, threads);
+            const es_layer layer = {dtype, in, a_rows, n_slots, n_slices, rank, a, bt, widths, 0};
+            rc = es_member_lora_units(&layer, slots, (const int64_t *)0, order, units, n_units, x, y, y_stride,
+                                      y_offset, scale, threads);
         }
     }
     free(order);

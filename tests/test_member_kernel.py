@@ -346,3 +346,21 @@ def test_pair_claims_that_group_more_than_a_pair_are_refused():
     with pytest.raises(ValueError, match=r"\[0, 4\)"):
         PairClaim(torch.tensor([0, 1, 5, 3]), {})
     assert PairClaim(torch.tensor([0, 0, 2, 2]), {}).pairs == 2
+
+
+def test_build_without_avx512_matches_float64_sum_with_and_without_pairs(tmp_path, monkeypatch):
+    # What an AVX2-only CPU compiles (no AVX-512 vector paths at all), built here so every x86 machine
+    # tests it, with the per-step grouping and antithetic pairs as an engine runs them.
+    monkeypatch.setenv("ES_SERVE_CACHE", str(tmp_path))
+    try:
+        path = member_kernel.build(extra=["-mno-avx512f"])
+    except RuntimeError:
+        pytest.skip("this compiler does not take -mno-avx512f (not x86)")
+    lib, info = member_kernel.open_library(path)
+    assert not info["bf16_native"]
+    monkeypatch.setattr(member_kernel, "_library", lib)
+    monkeypatch.setattr(member_kernel, "_info", info)
+    for dtype in DTYPES:
+        for rank in (1, 4):
+            test_engine_step_path_matches_float64_sum_on_a_large_shuffled_batch(rank, dtype)
+            test_antithetic_pairs_read_once_give_each_members_own_bits(rank, dtype)

@@ -257,8 +257,8 @@ class PairClaim:
     A pair's members are one draw: the same A, and B negated for the minus member (see the worker's
     `_es_build`). Where a layer's slots still hold what was written when the claim was made, the
     kernel reads the plus member's rows once for the tokens of both and negates the minus member's
-    rank-r projection, which gives its bits exactly: at rank 4 the members' rows are most of what a
-    decode step's LoRA term streams from memory, so this halves it. The claim holds per layer only
+    rank-r projection, which gives its bits exactly and halves the member rows the kernel reads (at
+    rank 4 in an engine that made it under a tenth faster: the rows were not its bottleneck). The claim holds per layer only
     while the layer's stacked tensors are at the versions recorded with it; any later write to a
     layer's slots (vLLM loading another adapter) makes that layer read every slot's own rows again.
 
@@ -337,6 +337,7 @@ class LayerPlan:
         self.a, self.b, self.widths = a_stacked, b_stacked, tuple(output_slices)
         self.versions = None
         self.paired = False
+        self.paired_for = (None, None)  # the claim and versions `paired` was decided for
         self.reason = self._check()
         if self.reason is None:
             a0 = a_stacked[0]
@@ -462,11 +463,13 @@ def _run_grouped(plan: LayerPlan, y, x, groups: StepGroups, scale, threads, stat
         return None
     if groups.tokens * plan.work < PARALLEL_MIN_WORK or not _info.get("threads_ok", False):
         threads = 1
-    claim = groups.claim
-    paired = claim is not None and claim.versions.get(id(plan.a)) == plan.versions
-    if paired != plan.paired:
-        plan.paired = paired
-        plan.struct.paired = int(paired)
+    claim, decided = groups.claim, plan.paired_for
+    # Decided again only when the claim or the layer's contents changed (refresh replaces `versions`).
+    if claim is not decided[0] or plan.versions is not decided[1]:
+        plan.paired = claim is not None and claim.versions.get(id(plan.a)) == plan.versions
+        plan.paired_for = (claim, plan.versions)
+        plan.struct.paired = int(plan.paired)
+    paired = plan.paired
     start = time.perf_counter()
     rc = _library.es_member_lora_units(
         plan.struct_ptr, groups.slots_ptr, groups.canon_ptr, groups.order_ptr, groups.units_ptr, groups.n_units,

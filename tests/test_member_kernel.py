@@ -60,7 +60,7 @@ def check(got, y, x, a, b, slots, widths, scale):
     assert torch.equal(got[untouched], y[untouched])
 
 
-@pytest.mark.parametrize("rank", [1, 2, 4, 8])
+@pytest.mark.parametrize("rank", [1, 2, 3, 4, 5, 8])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 def test_kernel_matches_float64_sum(rank, dtype):
     y, x, a, b, slots, widths = case(rank, dtype)
@@ -133,7 +133,7 @@ def test_portable_c_paths_match_float64_sum(dtype, tmp_path, monkeypatch):
     assert not info["bf16_native"]
     monkeypatch.setattr(member_kernel, "_library", lib)
     monkeypatch.setattr(member_kernel, "_info", info)
-    for rank in (1, 4):
+    for rank in (1, 2, 3, 4, 8):
         y, x, a, b, slots, widths = case(rank, dtype)
         got = y.clone()
         assert member_lora(got, x, a, b, slots, widths, 0.5).startswith("es-c-")

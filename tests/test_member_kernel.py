@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from es_serve.engines import member_kernel
-from es_serve.engines.member_kernel import KernelStats, describe, member_lora, member_lora_torch
+from es_serve.engines.member_kernel import KernelStats, LayerPlan, describe, member_lora, member_lora_torch
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # Unit roundoff u = eps / 2 of each dtype: one rounding moves a value by at most u times itself.
@@ -244,8 +244,16 @@ def test_padded_rank_and_adapters_written_between_calls():
     got = y.clone()
     punica.add_lora_linear(got, x, a, b, 1.0, widths)
     check(got, y, x, a, b, slots, widths, 1.0)
-    # A new member in slot 2, now of full rank 8, written the way vLLM's set_lora writes it.
+    # A new member of the same rank in slot 3: the plan re-reads B into the transpose it already holds.
     g = torch.Generator().manual_seed(9)
+    for t in a:
+        t[3, 0, :4].copy_(torch.randn(t[3, 0, :4].shape, generator=g).to(t.dtype))
+    for t in b:
+        t[3, 0, :, :4].copy_(torch.randn(t[3, 0, :, :4].shape, generator=g).to(t.dtype))
+    got = y.clone()
+    punica.add_lora_linear(got, x, a, b, 1.0, widths)
+    check(got, y, x, a, b, slots, widths, 1.0)
+    # A new member in slot 2, now of full rank 8, written the way vLLM's set_lora writes it.
     for t in a:
         t[2, 0].copy_(torch.randn(t.shape[2:], generator=g).to(t.dtype))
     for t in b:
@@ -254,6 +262,32 @@ def test_padded_rank_and_adapters_written_between_calls():
     punica.add_lora_linear(got, x, a, b, 1.0, widths)
     check(got, y, x, a, b, slots, widths, 1.0)
     assert member_kernel.report([punica])["kernel"] == "es-c-bf16"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_plan_finds_the_used_rank_and_transposes_b(dtype):
+    # vLLM pads every slot to its max rank with zero rows; the plan cuts A and B to the highest row any
+    # slot uses. Rows of 77 values end in a part shorter than the 8-byte words the scan reads.
+    widths = (40, 3)
+    a = tuple(torch.zeros(5, 1, 8, 77, dtype=dtype) for _ in widths)
+    b = tuple(torch.randn(5, 1, w, 8).to(dtype) for w in widths)
+    lib = member_kernel.load()
+
+    def used_rank():
+        plan = LayerPlan(a, b, widths)
+        plan.refresh(lib, 2)
+        return plan
+
+    assert used_rank().rank == 0
+    a[1][3, 0, 5, 76] = 1.5  # the last value of row 5 of slot 3, second slice
+    assert used_rank().rank == 6
+    a[0][0, 0, 7, 0] = -0.0  # a negative zero is still zero
+    assert used_rank().rank == 6
+    a[0][4, 0, 6, 10] = float("nan")  # not zero
+    plan = used_rank()
+    assert plan.rank == 7
+    for got, want in zip(plan.bt, b, strict=True):
+        assert torch.equal(got, want[:, 0, :, :7].transpose(1, 2))
 
 
 @pytest.mark.parametrize("rank", [1, 4, 9])  # 9: past the ranks whose B is widened once per group

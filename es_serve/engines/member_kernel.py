@@ -119,6 +119,11 @@ def open_library(path: Path) -> tuple[ctypes.CDLL, dict]:
     ]  # fmt: skip
     lib.es_member_group.restype = i64
     lib.es_member_group.argtypes = [ptr, i64, i64, ptr, ptr, ptr]  # slots, tokens, slots bound, canon, order, units
+    lib.es_used_rank.restype = i64
+    lib.es_used_rank.argtypes = [ptr, i64, i64, i64, i64, i64]  # A[], slices, slots, A rows per slot, in, bytes
+    lib.es_transpose_b.restype = None
+    # B[], B^T[], widths[], slices, slots, B columns per slot, rank, element bytes, threads
+    lib.es_transpose_b.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, i64, ctypes.c_int]
     lib.es_member_lora_units.restype = ctypes.c_int
     # layer, slots, canon, order, units, units count, x, y, y row stride, y offset, scale, threads
     lib.es_member_lora_units.argtypes = [
@@ -336,6 +341,7 @@ class LayerPlan:
     def __init__(self, a_stacked, b_stacked, output_slices):
         self.a, self.b, self.widths = a_stacked, b_stacked, tuple(output_slices)
         self.versions = None
+        self.bt, self.bt_rank = None, None  # B transposed for the kernel, and the rank it was cut to
         self.paired = False
         self.paired_for = (None, None)  # the claim and versions `paired` was decided for
         self.reason = self._check()
@@ -354,24 +360,31 @@ class LayerPlan:
             )  # fmt: skip
             self.struct_ptr = ctypes.addressof(self.struct)
 
-    def refresh(self) -> None:
+    def refresh(self, lib, threads: int = 1) -> None:
         """Re-reads the used rank and B's transpose if vLLM wrote adapters since the last call."""
         versions = layer_versions(self.a, self.b)
         if versions == self.versions:
             return
-        rank = 0
-        for a in self.a:
-            used = a.abs().amax(dim=(0, 1, 3)).nonzero()
-            if used.numel():
-                rank = max(rank, int(used[-1]) + 1)
+        elem = self.a[0].element_size()
+        rank = lib.es_used_rank(self.a_ptrs, self.n, self.n_slots, self.slot_rank, self.width_in, elem)
         self.rank = rank
         if rank == 1 and self.slot_rank == 1:
             self.bt = self.b  # (slots, 1, out, 1) is already (slots, rank, out) in memory
-        else:
-            self.bt = tuple(b[:, 0, :, :rank].transpose(1, 2).contiguous() for b in self.b)
-        self.bt_ptrs = (ctypes.c_void_p * self.n)(*[t.data_ptr() for t in self.bt])
+        elif rank > 0:
+            # Into the previous transpose's memory when the rank is unchanged (every generation of a
+            # run): fresh pages would be faulted in again each time. Only this layer's calls read it.
+            if self.bt_rank != rank or self.bt is self.b:
+                self.bt = tuple(torch.empty(self.n_slots, rank, w, dtype=self.dtype) for w in self.widths)
+            b_ptrs = (ctypes.c_void_p * self.n)(*[t.data_ptr() for t in self.b])
+            bt_ptrs = (ctypes.c_void_p * self.n)(*[t.data_ptr() for t in self.bt])
+            lib.es_transpose_b(
+                b_ptrs, bt_ptrs, self.c_widths, self.n, self.n_slots, self.slot_rank, rank, elem, threads
+            )
+        self.bt_rank = rank
+        if rank > 0:
+            self.bt_ptrs = (ctypes.c_void_p * self.n)(*[t.data_ptr() for t in self.bt])
         self.work = rank * (self.width_in * self.n + sum(self.widths))
-        self.struct.rank, self.struct.bt = rank, ctypes.addressof(self.bt_ptrs)
+        self.struct.rank, self.struct.bt = rank, ctypes.addressof(self.bt_ptrs) if rank > 0 else None
         self.versions = versions
 
     def _check(self) -> str | None:
@@ -420,7 +433,7 @@ def _run(plan: LayerPlan, y, x, slots, scale, threads, stats) -> str | None:
         return "output or slot indices do not match the batch"
     if not x.is_contiguous():
         x = x.contiguous()
-    plan.refresh()
+    plan.refresh(lib, threads if _info.get("threads_ok", False) else 1)
     if plan.rank == 0:  # every slot is empty: nothing to add
         if stats is not None:
             stats.add_fast(plan.name)
@@ -457,7 +470,7 @@ def _run_grouped(plan: LayerPlan, y, x, groups: StepGroups, scale, threads, stat
         return "a slot index past the stacked tensors"
     if not x.is_contiguous():
         x = x.contiguous()
-    plan.refresh()
+    plan.refresh(_library, threads if _info.get("threads_ok", False) else 1)
     if plan.rank == 0:  # every slot is empty: nothing to add
         stats.add_fast(plan.name)
         return None

@@ -115,12 +115,17 @@ def _write_queued_slots(module) -> None:
                     module._es_set_lora_one(i, lora_a, lora_b)
                 return
             source = torch.stack(sources).to(stacked.dtype).unsqueeze(1)
-            if tuple(shape) != tuple(stacked.shape[2:]):
-                # What vLLM's reset does: the rest of the slot (padding rows beyond the rank) is zero.
-                padded = stacked.new_zeros((len(sources), *stacked.shape[1:]))
-                padded[:, :, : shape[0], : shape[1]] = source
-                source = padded
-            stacked.index_copy_(0, index, source)
+            rows, cols = shape
+            if (rows, cols) == tuple(stacked.shape[2:]):
+                stacked.index_copy_(0, index, source)
+                continue
+            # Written through views of the used block, and the rest of each slot zeroed as vLLM's reset
+            # does (padding rows beyond the rank): no padded copy of every member is built first.
+            stacked[:, :, :rows, :cols].index_copy_(0, index, source)
+            if rows < stacked.shape[2]:
+                stacked[:, :, rows:, :].index_fill_(0, index, 0)
+            if cols < stacked.shape[3]:
+                stacked[:, :, :rows, cols:].index_fill_(0, index, 0)
 
 
 def member_path(seed: int, epoch: int, member: int, pop: Population) -> str:

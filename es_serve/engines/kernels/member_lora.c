@@ -685,3 +685,58 @@ int es_member_lora(int dtype, const void *x, int64_t tokens, int64_t in, const v
     free(units);
     return rc;
 }
+
+/* What a layer's plan re-reads after vLLM wrote its slots (once per layer and generation), here in C
+ * because the torch version (a temporary the size of A for the scan, a strided transpose copy for B)
+ * cost about 1 % of a member generation at r = 4, in the engine step that follows the writes. */
+
+/* One past the highest row of A that holds a nonzero value in any slot and slice (0: all zero), scanning
+ * from the top: vLLM pads every slot to its max rank with zero rows, so those are read once and the
+ * first used row stops the scan. A value is zero when its bits other than the sign are (+0 and -0). */
+int64_t es_used_rank(const void *const *a, int64_t n_slices, int64_t n_slots, int64_t a_rows, int64_t in,
+                     int64_t elem) {
+    const uint64_t mask = elem == 4 ? 0x7fffffff7fffffffull : 0x7fff7fff7fff7fffull;
+    const int64_t bytes = in * elem, words = bytes / 8;
+    for (int64_t row = a_rows - 1; row >= 0; --row)
+        for (int64_t k = 0; k < n_slices; ++k)
+            for (int64_t s = 0; s < n_slots; ++s) {
+                const unsigned char *p = (const unsigned char *)a[k] + (s * a_rows + row) * bytes;
+                uint64_t any = 0;
+                for (int64_t w = 0; w < words; ++w) {
+                    uint64_t v;
+                    memcpy(&v, p + 8 * w, 8);
+                    any |= v & mask;
+                }
+                for (int64_t i = words * 8; i < bytes; i += elem) { /* rows whose length is not a multiple of 8 bytes */
+                    uint32_t v = 0;
+                    memcpy(&v, p + i, (size_t)elem);
+                    any |= v & (elem == 4 ? 0x7fffffffu : 0x7fffu);
+                }
+                if (any) return row + 1;
+            }
+    return 0;
+}
+
+/* B transposed for the kernel: bt[k] (n_slots, rank, width_k) from vLLM's b[k] (n_slots, 1, width_k, b_rows),
+ * the first `rank` columns. Slots split over `threads`. */
+void es_transpose_b(const void *const *b, void *const *bt, const int64_t *widths, int64_t n_slices, int64_t n_slots,
+                    int64_t b_rows, int64_t rank, int64_t elem, int threads) {
+    if (threads < 1) threads = 1;
+    for (int64_t k = 0; k < n_slices; ++k) {
+        const int64_t w = widths[k];
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
+        for (int64_t s = 0; s < n_slots; ++s) {
+            if (elem == 4) {
+                const uint32_t *src = (const uint32_t *)b[k] + s * w * b_rows;
+                uint32_t *dst = (uint32_t *)bt[k] + s * rank * w;
+                for (int64_t o = 0; o < w; ++o)
+                    for (int64_t r = 0; r < rank; ++r) dst[r * w + o] = src[o * b_rows + r];
+            } else {
+                const uint16_t *src = (const uint16_t *)b[k] + s * w * b_rows;
+                uint16_t *dst = (uint16_t *)bt[k] + s * rank * w;
+                for (int64_t o = 0; o < w; ++o)
+                    for (int64_t r = 0; r < rank; ++r) dst[r * w + o] = src[o * b_rows + r];
+            }
+        }
+    }
+}

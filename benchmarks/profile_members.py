@@ -7,9 +7,12 @@ fresh members), interleaved, at each thread count asked for, with the member ker
 cumulative time of the pieces that pure inference does not pay: putting the members into vLLM's
 slots (noise draw, vLLM's LoRAModel, activation), vLLM's per-step adapter bookkeeping, and the
 member kernel. The profiler slows Python-heavy parts more than the GEMMs, so read the shares as an
-upper bound. Each timed repeat also records, without the profiler, how long putting the members into
-slots took (part of the member generation) and the merge that follows it (fitness +1 / -1 by member,
-lr 0, so the weights do not move and every repeat merges the same amount of work).
+upper bound (the kernel's per-layer pieces are called thousands of times per generation, so their
+profiled times are mostly the profiler's). Each timed repeat also records, without the profiler, how
+long putting the members into slots took (part of the member generation), the kernel's own time and
+its layer plans' re-reading after the slots were written (the kernel's counters), and the merge that
+follows it (fitness +1 / -1 by member, lr 0, so the weights do not move and every repeat merges the
+same amount of work).
 
     python -m benchmarks.profile_members --dtype bfloat16 --threads 1 2 --json benchmarks/results/profile_members.json
     python -m benchmarks.profile_members --dtype bfloat16 --rank 4 --json benchmarks/results/profile_members_r4.json
@@ -37,7 +40,10 @@ PIECES = (
     ("  of which: the slots' tensors written (all members at once)", "vllm_worker.py", "_write_queued_slots"),
     ("vLLM's per-step adapter activation (set_active_loras), loading included", "lora_model_runner_mixin.py",
      "set_active_loras"),
-    ("member kernel calls", "member_kernel.py", "_run"),
+    ("member kernel calls (per layer, Python included)", "member_kernel.py", "_run_grouped"),
+    ("  of which: the layers' plans re-read after slots were written (used rank, B transposed)",
+     "member_kernel.py", "refresh"),
+    ("the step's tokens grouped by member (once per engine step)", "member_kernel.py", "update"),
 )  # fmt: skip
 
 
@@ -110,11 +116,14 @@ def main(argv: list[str] | None = None) -> int:
             t = time.perf_counter()
             engine.generate(prompts * pop.size, sampling, share_prefixes=False)
             pure = time.perf_counter() - t
-            kernel_before = engine.kernel_report()["kernel_seconds"]
+            report = engine.kernel_report()
+            kernel_before, plans_before = report["kernel_seconds"], report.get("plan_seconds", 0.0)
             t = time.perf_counter()
             engine.generate_population(Generation(pop, 0, epoch, 1), prompts, sampling)
             members = time.perf_counter() - t
-            kernel = engine.kernel_report()["kernel_seconds"] - kernel_before
+            report = engine.kernel_report()
+            kernel = report["kernel_seconds"] - kernel_before
+            plans = report.get("plan_seconds", 0.0) - plans_before
             prep = prepared[-1]
             t = time.perf_counter()
             engine.apply_update(Generation(pop, 0, epoch, 1), fitness, 0.0)
@@ -122,18 +131,18 @@ def main(argv: list[str] | None = None) -> int:
             epoch += 1
             runs.append(
                 {"pure_s": pure, "members_s": members, "ratio": pure / members, "kernel_s": kernel,
-                 "kernel_share": kernel / members, "prepare_s": prep, "merge_s": merge}
+                 "kernel_share": kernel / members, "plans_s": plans, "prepare_s": prep, "merge_s": merge}
             )  # fmt: skip
             print(
                 f"{threads} thread(s), repeat {rep + 1}: pure {pure:.2f} s, members {members:.2f} s, "
                 f"ratio {pure / members:.3f}, member kernel {kernel:.3f} s ({100 * kernel / members:.1f} %), "
-                f"into slots {prep:.3f} s, merge {merge:.3f} s",
+                f"layer plans re-read {plans:.3f} s, into slots {prep:.3f} s, merge {merge:.3f} s",
                 flush=True,
             )
         by_threads[str(threads)] = {
             "runs": runs,
             **{f"{key}_median": statistics.median(r[key] for r in runs)
-               for key in ("ratio", "kernel_share", "kernel_s", "prepare_s", "merge_s")},
+               for key in ("ratio", "kernel_share", "kernel_s", "plans_s", "prepare_s", "merge_s")},
         }  # fmt: skip
     torch.set_num_threads(default_threads)
     profile = cProfile.Profile()

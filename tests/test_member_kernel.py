@@ -244,6 +244,11 @@ def test_padded_rank_and_adapters_written_between_calls():
     got = y.clone()
     punica.add_lora_linear(got, x, a, b, 1.0, widths)
     check(got, y, x, a, b, slots, widths, 1.0)
+    # Re-read only after a write, and the time it took counted apart from the kernel's.
+    reread = member_kernel.report([punica])["plan_seconds"]
+    assert reread > 0
+    punica.add_lora_linear(y.clone(), x, a, b, 1.0, widths)
+    assert member_kernel.report([punica])["plan_seconds"] == reread
     # A new member of the same rank in slot 3: the plan re-reads B into the transpose it already holds.
     g = torch.Generator().manual_seed(9)
     for t in a:
@@ -253,6 +258,7 @@ def test_padded_rank_and_adapters_written_between_calls():
     got = y.clone()
     punica.add_lora_linear(got, x, a, b, 1.0, widths)
     check(got, y, x, a, b, slots, widths, 1.0)
+    assert member_kernel.report([punica])["plan_seconds"] > reread
     # A new member in slot 2, now of full rank 8, written the way vLLM's set_lora writes it.
     for t in a:
         t[2, 0].copy_(torch.randn(t.shape[2:], generator=g).to(t.dtype))

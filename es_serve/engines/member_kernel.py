@@ -193,6 +193,7 @@ class KernelStats:
         self.team = 0  # most threads one kernel call really ran on
         self.seconds = 0.0  # wall time inside the C kernel: the LoRA term's own cost (benchmarks read it)
         self.paired = 0  # kernel calls that read each antithetic pair's rows once for both members
+        self.plan_seconds = 0.0  # wall time re-reading layers after their slots were written (LayerPlan.refresh)
 
     def add_fast(self, name: str) -> None:
         self.fast[name] = self.fast.get(name, 0) + 1
@@ -208,6 +209,7 @@ class KernelStats:
             "kernel_threads_max": self.team,
             "kernel_seconds": self.seconds,
             "paired_calls": self.paired,
+            "plan_seconds": self.plan_seconds,
         }
 
 
@@ -226,10 +228,11 @@ def describe(report: dict) -> str:
 def merge_reports(reports) -> dict:
     out = {
         "fast_calls": {}, "fallback_calls": {}, "threads": 1, "kernel_threads_max": 0, "kernel_seconds": 0.0,
-        "paired_calls": 0,
+        "paired_calls": 0, "plan_seconds": 0.0,
     }  # fmt: skip
     for r in reports:
         out["kernel_seconds"] += r.get("kernel_seconds", 0.0)
+        out["plan_seconds"] += r.get("plan_seconds", 0.0)
         out["paired_calls"] += r.get("paired_calls", 0)
         for key in ("fast_calls", "fallback_calls"):
             for k, v in r[key].items():
@@ -360,11 +363,11 @@ class LayerPlan:
             )  # fmt: skip
             self.struct_ptr = ctypes.addressof(self.struct)
 
-    def refresh(self, lib, threads: int = 1) -> None:
-        """Re-reads the used rank and B's transpose if vLLM wrote adapters since the last call."""
+    def refresh(self, lib, threads: int = 1) -> bool:
+        """Re-reads the used rank and B's transpose if vLLM wrote adapters since the last call (True then)."""
         versions = layer_versions(self.a, self.b)
         if versions == self.versions:
-            return
+            return False
         elem = self.a[0].element_size()
         rank = lib.es_used_rank(self.a_ptrs, self.n, self.n_slots, self.slot_rank, self.width_in, elem)
         self.rank = rank
@@ -386,6 +389,7 @@ class LayerPlan:
         self.work = rank * (self.width_in * self.n + sum(self.widths))
         self.struct.rank, self.struct.bt = rank, ctypes.addressof(self.bt_ptrs) if rank > 0 else None
         self.versions = versions
+        return True
 
     def _check(self) -> str | None:
         a_stacked, b_stacked, widths = self.a, self.b, self.widths
@@ -433,7 +437,9 @@ def _run(plan: LayerPlan, y, x, slots, scale, threads, stats) -> str | None:
         return "output or slot indices do not match the batch"
     if not x.is_contiguous():
         x = x.contiguous()
-    plan.refresh(lib, threads if _info.get("threads_ok", False) else 1)
+    start = time.perf_counter()
+    if plan.refresh(lib, threads if _info.get("threads_ok", False) else 1) and stats is not None:
+        stats.plan_seconds += time.perf_counter() - start
     if plan.rank == 0:  # every slot is empty: nothing to add
         if stats is not None:
             stats.add_fast(plan.name)
@@ -470,7 +476,9 @@ def _run_grouped(plan: LayerPlan, y, x, groups: StepGroups, scale, threads, stat
         return "a slot index past the stacked tensors"
     if not x.is_contiguous():
         x = x.contiguous()
-    plan.refresh(_library, threads if _info.get("threads_ok", False) else 1)
+    start = time.perf_counter()
+    if plan.refresh(_library, threads if _info.get("threads_ok", False) else 1):
+        stats.plan_seconds += time.perf_counter() - start
     if plan.rank == 0:  # every slot is empty: nothing to add
         stats.add_fast(plan.name)
         return None

@@ -13,6 +13,9 @@ The LoRA share is es / gemm: it should stay flat from 1 to 2 threads. Times are 
 fastest of the interleaved blocks (the least disturbed on a shared machine; medians are kept too).
 
     python -m benchmarks.member_kernel --json benchmarks/results/member_kernel.json
+    python -m benchmarks.member_kernel --cflags=-mno-avx512f --json benchmarks/results/member_kernel_avx2.json
+
+The second times what an AVX2-only CPU compiles, on any x86 CPU with AVX2.
 """
 
 from __future__ import annotations
@@ -164,12 +167,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layer", nargs="+", default=list(LAYERS), choices=list(LAYERS))
     p.add_argument("--blocks", type=int, default=7, help="interleaved timing blocks per configuration")
     p.add_argument("--calls", type=int, default=200, help="most calls per block (fewer for slow ops: ~20 ms)")
+    p.add_argument(
+        "--cflags",
+        nargs="+",
+        default=[],
+        metavar="FLAG",
+        help="extra compiler flags for the kernel, e.g. -mno-avx512f to time what an AVX2-only CPU runs "
+        "(write them as --cflags=-mno-avx512f)",
+    )
     p.add_argument("--json", default="benchmarks/results/member_kernel.json")
     args = p.parse_args(argv)
     import vllm
 
     from benchmarks.throughput import machine
     from es_serve.engines import member_kernel
+
+    if args.cflags:
+        # A build of its own, swapped in for this process only (as the tests do for the portable paths).
+        try:
+            path = member_kernel.build(extra=args.cflags)
+        except RuntimeError as err:
+            p.error(f"--cflags {' '.join(args.cflags)}: the kernel did not build with them ({err})")
+        member_kernel._library, member_kernel._info = member_kernel.open_library(path)
 
     rows = []
     for layer in args.layer:
@@ -189,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
                     )
     meta = {
         "command": " ".join(["python -m benchmarks.member_kernel", *(argv if argv is not None else sys.argv[1:])]),
-        "kernel_build": member_kernel.kernel_info(),
+        "kernel_build": {**member_kernel.kernel_info(), "extra_cflags": args.cflags},
         "python": platform.python_version(),
         "vllm": vllm.__version__,
         **machine(),

@@ -389,8 +389,9 @@ def test_pair_claims_that_group_more_than_a_pair_are_refused():
 
 
 def test_build_without_avx512_matches_float64_sum_with_and_without_pairs(tmp_path, monkeypatch):
-    # What an AVX2-only CPU compiles (no AVX-512 vector paths at all), built here so every x86 machine
-    # tests it, with the per-step grouping and antithetic pairs as an engine runs them.
+    # What an AVX2-only CPU compiles (the register-blocked path on 8-wide vectors, no AVX-512 at all),
+    # built here so every x86 machine tests it, with the per-step grouping and antithetic pairs as an
+    # engine runs them.
     monkeypatch.setenv("ES_SERVE_CACHE", str(tmp_path))
     try:
         path = member_kernel.build(extra=["-mno-avx512f"])
@@ -401,6 +402,8 @@ def test_build_without_avx512_matches_float64_sum_with_and_without_pairs(tmp_pat
     monkeypatch.setattr(member_kernel, "_library", lib)
     monkeypatch.setattr(member_kernel, "_info", info)
     for dtype in DTYPES:
+        for rank in (1, 2, 3, 4, 5, 8):  # every register block of the AVX2 path, and the general loop
+            test_kernel_matches_float64_sum(rank, dtype)
         for rank in (1, 4):
             test_engine_step_path_matches_float64_sum_on_a_large_shuffled_batch(rank, dtype)
             test_antithetic_pairs_read_once_give_each_members_own_bits(rank, dtype)

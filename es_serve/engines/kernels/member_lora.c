@@ -4,8 +4,9 @@
  * for rank 1 costs far more in copies and per-call overhead than in arithmetic. Here each token
  * reads its member's rows in place: r dot products of length `in`, then r axpys of length `out`,
  * written straight into the layer's output. Tokens with slot -1 carry no adapter and are skipped.
- * On AVX-512 CPUs, ranks 1-4 and 8 go through a register-blocked path (a few tokens and rows at a
- * time); other ranks, float16 and CPUs without AVX-512 take the general loop.
+ * On CPUs with AVX-512 or AVX2 and FMA, ranks 1-4 and 8 in float32 and bfloat16 go through a
+ * register-blocked path (a few tokens and rows at a time); other ranks, float16 and older CPUs take
+ * the general loop.
  *
  * A is vLLM's stacked LoRA tensor, (slots, 1, max_rank, in); B is a transposed copy of its stacked
  * (slots, 1, out, max_rank) kept by the caller, cut to the rows any slot uses. All are contiguous,
@@ -179,26 +180,36 @@ static inline int64_t wide16_bf16(uint16_t *yo, const float *wide, const float *
 #define wide16_f16(...) ((int64_t)0)
 #define wide16_f32(...) ((int64_t)0)
 
-/* Register-blocked path (AVX-512 with byte/word masks): a unit's tokens go through in small blocks
- * whose member factors and per-token h sit in vector registers, so every load of A or B serves
- * several tokens and every token's chain of r multiply-adds overlaps with the other tokens' chains.
- * The loop-per-token shape above waited on one dependent chain at a time and ran at a fifth of the
- * core's multiply-add rate (measured on a decode-shaped batch, r = 4). Same sums in float32, same
- * order of the r terms per output, one rounding per output element. */
+/* Register-blocked path (AVX-512 with byte/word masks, or AVX2 with FMA): a unit's tokens go through in
+ * small blocks whose member factors and per-token h sit in vector registers, so every load of A or B
+ * serves several tokens and every token's chain of r multiply-adds overlaps with the other tokens'
+ * chains. The loop-per-token shape below waited on one dependent chain at a time and ran at a fifth of
+ * the core's multiply-add rate (measured on a decode-shaped batch, r = 4). Same sums in float32, same
+ * order of the r terms per output, one rounding per output element. Block sizes keep accumulators and
+ * broadcasts within the vector registers: 32 with AVX-512, 16 with AVX2.
+ *
+ * Each instruction set supplies the same primitives: es_vec holding ES_LANES floats, v_set1, v_zero,
+ * v_fma, v_sum, and per dtype loads and stores of ES_LANES values (ld_, st_) and of the first n < ES_LANES
+ * (ldn_, which reads the rest as zero, and stn_, which leaves the rest unwritten). */
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define ES_BLOCKED 1
-#define ES_BLOCKED_RANK 8 /* ranks up to this take the blocked path (h is kept per token at this stride) */
+typedef __m512 es_vec;
+#define ES_LANES 16
+static inline es_vec v_set1(float f) { return _mm512_set1_ps(f); }
+static inline es_vec v_zero(void) { return _mm512_setzero_ps(); }
+static inline es_vec v_fma(es_vec a, es_vec b, es_vec c) { return _mm512_fmadd_ps(a, b, c); }
+static inline float v_sum(es_vec v) { return _mm512_reduce_add_ps(v); }
 static inline __mmask16 es_tail16(int64_t n) { return n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1); }
 
-static inline __m512 ld16_f32(const float *p) { return _mm512_loadu_ps(p); }
-static inline __m512 ldm16_f32(const float *p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
-static inline void st16_f32(float *p, __m512 v) { _mm512_storeu_ps(p, v); }
-static inline void stm16_f32(float *p, __mmask16 m, __m512 v) { _mm512_mask_storeu_ps(p, m, v); }
+static inline es_vec ld_f32(const float *p) { return _mm512_loadu_ps(p); }
+static inline es_vec ldn_f32(const float *p, int64_t n) { return _mm512_maskz_loadu_ps(es_tail16(n), p); }
+static inline void st_f32(float *p, es_vec v) { _mm512_storeu_ps(p, v); }
+static inline void stn_f32(float *p, int64_t n, es_vec v) { _mm512_mask_storeu_ps(p, es_tail16(n), v); }
 
-static inline __m512 widen16_bf16(__m256i w) {
+static inline es_vec widen16_bf16(__m256i w) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(w), 16));
 }
-static inline __m256i round16_bf16(__m512 v) {
+static inline __m256i round16_bf16(es_vec v) {
 #ifdef __AVX512BF16__
     return (__m256i)_mm512_cvtneps_pbh(v);
 #else
@@ -210,35 +221,89 @@ static inline __m256i round16_bf16(__m512 v) {
     return _mm512_cvtepi32_epi16(r);
 #endif
 }
-static inline __m512 ld16_bf16(const uint16_t *p) { return widen16_bf16(_mm256_loadu_si256((const __m256i *)p)); }
-static inline __m512 ldm16_bf16(const uint16_t *p, __mmask16 m) { return widen16_bf16(_mm256_maskz_loadu_epi16(m, p)); }
-static inline void st16_bf16(uint16_t *p, __m512 v) { _mm256_storeu_si256((__m256i *)p, round16_bf16(v)); }
-static inline void stm16_bf16(uint16_t *p, __mmask16 m, __m512 v) { _mm256_mask_storeu_epi16(p, m, round16_bf16(v)); }
+static inline es_vec ld_bf16(const uint16_t *p) { return widen16_bf16(_mm256_loadu_si256((const __m256i *)p)); }
+static inline es_vec ldn_bf16(const uint16_t *p, int64_t n) {
+    return widen16_bf16(_mm256_maskz_loadu_epi16(es_tail16(n), p));
+}
+static inline void st_bf16(uint16_t *p, es_vec v) { _mm256_storeu_si256((__m256i *)p, round16_bf16(v)); }
+static inline void stn_bf16(uint16_t *p, int64_t n, es_vec v) {
+    _mm256_mask_storeu_epi16(p, es_tail16(n), round16_bf16(v));
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define ES_BLOCKED 1
+typedef __m256 es_vec;
+#define ES_LANES 8
+static inline es_vec v_set1(float f) { return _mm256_set1_ps(f); }
+static inline es_vec v_zero(void) { return _mm256_setzero_ps(); }
+static inline es_vec v_fma(es_vec a, es_vec b, es_vec c) { return _mm256_fmadd_ps(a, b, c); }
+static inline float v_sum(es_vec v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+static inline __m256i es_tail8(int64_t n) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(n < 8 ? n : 8)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
 
-/* y_j += sum_r h_j[r] B^T[r] for TJ tokens at a time: B's R vectors are loaded once per 16 outputs
+static inline es_vec ld_f32(const float *p) { return _mm256_loadu_ps(p); }
+static inline es_vec ldn_f32(const float *p, int64_t n) { return _mm256_maskload_ps(p, es_tail8(n)); }
+static inline void st_f32(float *p, es_vec v) { _mm256_storeu_ps(p, v); }
+static inline void stn_f32(float *p, int64_t n, es_vec v) { _mm256_maskstore_ps(p, es_tail8(n), v); }
+
+static inline es_vec widen8_bf16(__m128i w) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(w), 16));
+}
+static inline __m128i round8_bf16(es_vec v) { /* as bf16_store: nearest, ties to even; NaN stays NaN */
+    const __m256i u = _mm256_castps_si256(v);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
+    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    r = _mm256_blendv_epi8(r, _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40)), nan);
+    return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)); /* values fit 16 bits */
+}
+static inline es_vec ld_bf16(const uint16_t *p) { return widen8_bf16(_mm_loadu_si128((const __m128i *)p)); }
+static inline es_vec ldn_bf16(const uint16_t *p, int64_t n) { /* no 16-bit masked loads in AVX2 */
+    uint16_t t[8] = {0};
+    memcpy(t, p, (size_t)n * sizeof(uint16_t));
+    return ld_bf16(t);
+}
+static inline void st_bf16(uint16_t *p, es_vec v) { _mm_storeu_si128((__m128i *)p, round8_bf16(v)); }
+static inline void stn_bf16(uint16_t *p, int64_t n, es_vec v) {
+    uint16_t t[8];
+    _mm_storeu_si128((__m128i *)t, round8_bf16(v));
+    memcpy(p, t, (size_t)n * sizeof(uint16_t));
+}
+#endif
+
+#ifdef ES_BLOCKED
+#define ES_BLOCKED_RANK 8 /* ranks up to this take the blocked path (h is kept per token at this stride) */
+
+/* y_j += sum_r h_j[r] B^T[r] for TJ tokens at a time: B's R vectors are loaded once per ES_LANES outputs
  * and used by every token of the block. */
-#define ES_EXPAND_FN(NAME, T, LD, LDM, ST, STM, R, TJ)                                                  \
+#define ES_EXPAND_FN(NAME, T, SUF, R, TJ)                                                               \
     static inline void NAME(T *const *yr, const float *h, int64_t count, const T *bts, int64_t out) {   \
         for (int64_t j0 = 0; j0 < count; j0 += TJ) {                                                    \
             const int64_t nj = count - j0 < TJ ? count - j0 : TJ;                                       \
-            __m512 hv[TJ][R];                                                                           \
+            es_vec hv[TJ][R];                                                                           \
             for (int j = 0; j < TJ; ++j)                                                                \
-                for (int r = 0; r < R; ++r) hv[j][r] = _mm512_set1_ps(j < nj ? h[(j0 + j) * ES_BLOCKED_RANK + r] : 0.0f); \
-            for (int64_t o = 0; o < out; o += 16) {                                                     \
-                const int full = o + 16 <= out;                                                         \
-                const __mmask16 m = es_tail16(out - o);                                                 \
-                __m512 b[R], acc[TJ];                                                                   \
-                for (int r = 0; r < R; ++r) b[r] = full ? LD(bts + r * out + o) : LDM(bts + r * out + o, m); \
+                for (int r = 0; r < R; ++r) hv[j][r] = v_set1(j < nj ? h[(j0 + j) * ES_BLOCKED_RANK + r] : 0.0f); \
+            for (int64_t o = 0; o < out; o += ES_LANES) {                                               \
+                const int64_t n = out - o;                                                              \
+                const int full = n >= ES_LANES;                                                         \
+                es_vec b[R], acc[TJ];                                                                   \
+                for (int r = 0; r < R; ++r) b[r] = full ? ld_##SUF(bts + r * out + o) : ldn_##SUF(bts + r * out + o, n); \
                 /* All loads of y before any store: rows a multiple of 4 KiB apart would otherwise  */  \
                 /* make a load wait on the previous token's store to the same page offset.          */  \
                 for (int j = 0; j < TJ; ++j)                                                            \
-                    if (j < nj) acc[j] = full ? LD(yr[j0 + j] + o) : LDM(yr[j0 + j] + o, m);            \
+                    acc[j] = j >= nj ? v_zero() : full ? ld_##SUF(yr[j0 + j] + o) : ldn_##SUF(yr[j0 + j] + o, n); \
                 for (int j = 0; j < TJ; ++j)                                                            \
-                    for (int r = 0; r < R; ++r) acc[j] = _mm512_fmadd_ps(hv[j][r], b[r], acc[j]);       \
+                    for (int r = 0; r < R; ++r) acc[j] = v_fma(hv[j][r], b[r], acc[j]);                 \
                 for (int j = 0; j < TJ; ++j)                                                            \
                     if (j < nj) {                                                                       \
-                        if (full) ST(yr[j0 + j] + o, acc[j]);                                           \
-                        else STM(yr[j0 + j] + o, m, acc[j]);                                            \
+                        if (full) st_##SUF(yr[j0 + j] + o, acc[j]);                                     \
+                        else stn_##SUF(yr[j0 + j] + o, n, acc[j]);                                      \
                     }                                                                                   \
             }                                                                                           \
         }                                                                                               \
@@ -246,45 +311,49 @@ static inline void stm16_bf16(uint16_t *p, __mmask16 m, __m512 v) { _mm256_mask_
 
 /* h_j[r0 + r] = scale * <x_j, A[r0 + r]> for TJ tokens and RC rows at a time (TJ * RC accumulators):
  * each vector of A serves TJ tokens, each vector of x serves RC rows. Rows of a partial token block
- * repeat the block's first token and are discarded. STEP elements per step: 32 with native bf16
- * pairs, else 16 widened to float32. */
-#define ES_SHRINK_FN(NAME, T, STEP, DOTSTEP, DOTTAIL, RC, TJ)                                 \
+ * repeat the block's first token and are discarded. STEP elements per step (DOTSTEP), the rest in
+ * one masked step (DOTTAIL). */
+#define ES_SHRINK_FN(NAME, T, STEP, DOTSTEP, DOTTAIL, RC, TJ)                                           \
     static inline void NAME(const T *const *xr, int64_t count, const T *a, int64_t in, float scale, float *h) { \
         for (int64_t j0 = 0; j0 < count; j0 += TJ) {                                                    \
             const int64_t nj = count - j0 < TJ ? count - j0 : TJ;                                       \
             const T *xs[TJ];                                                                            \
             for (int j = 0; j < TJ; ++j) xs[j] = xr[j0 + (j < nj ? j : 0)];                             \
-            __m512 acc[TJ][RC];                                                                         \
+            es_vec acc[TJ][RC];                                                                         \
             for (int j = 0; j < TJ; ++j)                                                                \
-                for (int r = 0; r < RC; ++r) acc[j][r] = _mm512_setzero_ps();                           \
+                for (int r = 0; r < RC; ++r) acc[j][r] = v_zero();                                      \
             int64_t i = 0;                                                                              \
             for (; i + STEP <= in; i += STEP) DOTSTEP(acc, xs, a, in, i, RC, TJ);                       \
             if (i < in) DOTTAIL(acc, xs, a, in, i, RC, TJ);                                             \
             for (int j = 0; j < nj; ++j)                                                                \
-                for (int r = 0; r < RC; ++r) h[(j0 + j) * ES_BLOCKED_RANK + r] = _mm512_reduce_add_ps(acc[j][r]) * scale; \
+                for (int r = 0; r < RC; ++r) h[(j0 + j) * ES_BLOCKED_RANK + r] = v_sum(acc[j][r]) * scale; \
         }                                                                                               \
     }
 
-#define ES_F32_STEP(acc, xs, a, in, i, RC, TJ)                                                          \
+/* One step of dot products from vectors of ES_LANES values widened to float32 (all float32, and bf16
+ * without native bf16 pairs). */
+#define ES_WIDE_STEP(SUF, acc, xs, a, in, i, RC, TJ)                                                    \
     do {                                                                                                \
-        __m512 av[RC];                                                                                  \
-        for (int r = 0; r < RC; ++r) av[r] = _mm512_loadu_ps(a + r * in + i);                           \
+        es_vec av[RC];                                                                                  \
+        for (int r = 0; r < RC; ++r) av[r] = ld_##SUF(a + r * in + i);                                  \
         for (int j = 0; j < TJ; ++j) {                                                                  \
-            const __m512 xv = _mm512_loadu_ps(xs[j] + i);                                               \
-            for (int r = 0; r < RC; ++r) acc[j][r] = _mm512_fmadd_ps(xv, av[r], acc[j][r]);             \
+            const es_vec xv = ld_##SUF(xs[j] + i);                                                      \
+            for (int r = 0; r < RC; ++r) acc[j][r] = v_fma(xv, av[r], acc[j][r]);                       \
         }                                                                                               \
     } while (0)
-#define ES_F32_TAIL(acc, xs, a, in, i, RC, TJ)                                                          \
+#define ES_WIDE_TAIL(SUF, acc, xs, a, in, i, RC, TJ)                                                    \
     do {                                                                                                \
-        const __mmask16 m = es_tail16(in - i);                                                          \
-        __m512 av[RC];                                                                                  \
-        for (int r = 0; r < RC; ++r) av[r] = _mm512_maskz_loadu_ps(m, a + r * in + i);                  \
+        es_vec av[RC];                                                                                  \
+        for (int r = 0; r < RC; ++r) av[r] = ldn_##SUF(a + r * in + i, in - i);                         \
         for (int j = 0; j < TJ; ++j) {                                                                  \
-            const __m512 xv = _mm512_maskz_loadu_ps(m, xs[j] + i);                                      \
-            for (int r = 0; r < RC; ++r) acc[j][r] = _mm512_fmadd_ps(xv, av[r], acc[j][r]);             \
+            const es_vec xv = ldn_##SUF(xs[j] + i, in - i);                                             \
+            for (int r = 0; r < RC; ++r) acc[j][r] = v_fma(xv, av[r], acc[j][r]);                       \
         }                                                                                               \
     } while (0)
+#define ES_F32_STEP(...) ES_WIDE_STEP(f32, __VA_ARGS__)
+#define ES_F32_TAIL(...) ES_WIDE_TAIL(f32, __VA_ARGS__)
 #ifdef __AVX512BF16__
+/* Native bf16 pairs: 32 products per instruction, each summed in float32 (AVX-512 only). */
 #define ES_BF16_STEP_N 32
 #define ES_BF16_STEP(acc, xs, a, in, i, RC, TJ)                                                         \
     do {                                                                                                \
@@ -306,47 +375,43 @@ static inline void stm16_bf16(uint16_t *p, __mmask16 m, __m512 v) { _mm256_mask_
         }                                                                                               \
     } while (0)
 #else
-#define ES_BF16_STEP_N 16
-#define ES_BF16_STEP(acc, xs, a, in, i, RC, TJ)                                                         \
-    do {                                                                                                \
-        __m512 av[RC];                                                                                  \
-        for (int r = 0; r < RC; ++r) av[r] = ld16_bf16(a + r * in + i);                                 \
-        for (int j = 0; j < TJ; ++j) {                                                                  \
-            const __m512 xv = ld16_bf16(xs[j] + i);                                                     \
-            for (int r = 0; r < RC; ++r) acc[j][r] = _mm512_fmadd_ps(xv, av[r], acc[j][r]);             \
-        }                                                                                               \
-    } while (0)
-#define ES_BF16_TAIL(acc, xs, a, in, i, RC, TJ)                                                         \
-    do {                                                                                                \
-        const __mmask16 m = es_tail16(in - i);                                                          \
-        __m512 av[RC];                                                                                  \
-        for (int r = 0; r < RC; ++r) av[r] = ldm16_bf16(a + r * in + i, m);                             \
-        for (int j = 0; j < TJ; ++j) {                                                                  \
-            const __m512 xv = ldm16_bf16(xs[j] + i, m);                                                 \
-            for (int r = 0; r < RC; ++r) acc[j][r] = _mm512_fmadd_ps(xv, av[r], acc[j][r]);             \
-        }                                                                                               \
-    } while (0)
+#define ES_BF16_STEP_N ES_LANES
+#define ES_BF16_STEP(...) ES_WIDE_STEP(bf16, __VA_ARGS__)
+#define ES_BF16_TAIL(...) ES_WIDE_TAIL(bf16, __VA_ARGS__)
 #endif
 
-/* Token blocks sized so accumulators and broadcasts stay within the 32 vector registers. */
-ES_SHRINK_FN(shrink_f32_1, float, 16, ES_F32_STEP, ES_F32_TAIL, 1, 8)
-ES_SHRINK_FN(shrink_f32_2, float, 16, ES_F32_STEP, ES_F32_TAIL, 2, 8)
-ES_SHRINK_FN(shrink_f32_3, float, 16, ES_F32_STEP, ES_F32_TAIL, 3, 4)
-ES_SHRINK_FN(shrink_f32_4, float, 16, ES_F32_STEP, ES_F32_TAIL, 4, 4)
-ES_SHRINK_FN(shrink_bf16_1, uint16_t, ES_BF16_STEP_N, ES_BF16_STEP, ES_BF16_TAIL, 1, 8)
-ES_SHRINK_FN(shrink_bf16_2, uint16_t, ES_BF16_STEP_N, ES_BF16_STEP, ES_BF16_TAIL, 2, 8)
-ES_SHRINK_FN(shrink_bf16_3, uint16_t, ES_BF16_STEP_N, ES_BF16_STEP, ES_BF16_TAIL, 3, 4)
-ES_SHRINK_FN(shrink_bf16_4, uint16_t, ES_BF16_STEP_N, ES_BF16_STEP, ES_BF16_TAIL, 4, 4)
-ES_EXPAND_FN(expand_f32_1, float, ld16_f32, ldm16_f32, st16_f32, stm16_f32, 1, 8)
-ES_EXPAND_FN(expand_f32_2, float, ld16_f32, ldm16_f32, st16_f32, stm16_f32, 2, 8)
-ES_EXPAND_FN(expand_f32_3, float, ld16_f32, ldm16_f32, st16_f32, stm16_f32, 3, 4)
-ES_EXPAND_FN(expand_f32_4, float, ld16_f32, ldm16_f32, st16_f32, stm16_f32, 4, 4)
-ES_EXPAND_FN(expand_f32_8, float, ld16_f32, ldm16_f32, st16_f32, stm16_f32, 8, 2)
-ES_EXPAND_FN(expand_bf16_1, uint16_t, ld16_bf16, ldm16_bf16, st16_bf16, stm16_bf16, 1, 8)
-ES_EXPAND_FN(expand_bf16_2, uint16_t, ld16_bf16, ldm16_bf16, st16_bf16, stm16_bf16, 2, 8)
-ES_EXPAND_FN(expand_bf16_3, uint16_t, ld16_bf16, ldm16_bf16, st16_bf16, stm16_bf16, 3, 4)
-ES_EXPAND_FN(expand_bf16_4, uint16_t, ld16_bf16, ldm16_bf16, st16_bf16, stm16_bf16, 4, 4)
-ES_EXPAND_FN(expand_bf16_8, uint16_t, ld16_bf16, ldm16_bf16, st16_bf16, stm16_bf16, 8, 2)
+/* Token blocks (TJ) per row count, sized to the register file. */
+#if ES_LANES == 16
+#define ES_TJ_1 8
+#define ES_TJ_2 8
+#define ES_TJ_3 4
+#define ES_TJ_4 4
+#define ES_TJ_8 2
+#else
+#define ES_TJ_1 4
+#define ES_TJ_2 4
+#define ES_TJ_3 2
+#define ES_TJ_4 2
+#define ES_TJ_8 1
+#endif
+ES_SHRINK_FN(shrink_f32_1, float, ES_LANES, ES_F32_STEP, ES_F32_TAIL, 1, ES_TJ_1)
+ES_SHRINK_FN(shrink_f32_2, float, ES_LANES, ES_F32_STEP, ES_F32_TAIL, 2, ES_TJ_2)
+ES_SHRINK_FN(shrink_f32_3, float, ES_LANES, ES_F32_STEP, ES_F32_TAIL, 3, ES_TJ_3)
+ES_SHRINK_FN(shrink_f32_4, float, ES_LANES, ES_F32_STEP, ES_F32_TAIL, 4, ES_TJ_4)
+ES_SHRINK_FN(shrink_bf16_1, uint16_t, ES_BF16_STEP_N, ES_BF16_STEP, ES_BF16_TAIL, 1, ES_TJ_1)
+ES_SHRINK_FN(shrink_bf16_2, uint16_t, ES_BF16_STEP_N, ES_BF16_STEP, ES_BF16_TAIL, 2, ES_TJ_2)
+ES_SHRINK_FN(shrink_bf16_3, uint16_t, ES_BF16_STEP_N, ES_BF16_STEP, ES_BF16_TAIL, 3, ES_TJ_3)
+ES_SHRINK_FN(shrink_bf16_4, uint16_t, ES_BF16_STEP_N, ES_BF16_STEP, ES_BF16_TAIL, 4, ES_TJ_4)
+ES_EXPAND_FN(expand_f32_1, float, f32, 1, ES_TJ_1)
+ES_EXPAND_FN(expand_f32_2, float, f32, 2, ES_TJ_2)
+ES_EXPAND_FN(expand_f32_3, float, f32, 3, ES_TJ_3)
+ES_EXPAND_FN(expand_f32_4, float, f32, 4, ES_TJ_4)
+ES_EXPAND_FN(expand_f32_8, float, f32, 8, ES_TJ_8)
+ES_EXPAND_FN(expand_bf16_1, uint16_t, bf16, 1, ES_TJ_1)
+ES_EXPAND_FN(expand_bf16_2, uint16_t, bf16, 2, ES_TJ_2)
+ES_EXPAND_FN(expand_bf16_3, uint16_t, bf16, 3, ES_TJ_3)
+ES_EXPAND_FN(expand_bf16_4, uint16_t, bf16, 4, ES_TJ_4)
+ES_EXPAND_FN(expand_bf16_8, uint16_t, bf16, 8, ES_TJ_8)
 
 /* One unit through the blocked path; returns 0 (nothing done) for ranks it has no block for. The
  * rank's rows of A go in chunks of up to four; the r terms of an output are added in rank order. */

@@ -344,7 +344,7 @@ class LayerPlan:
     def __init__(self, a_stacked, b_stacked, output_slices):
         self.a, self.b, self.widths = a_stacked, b_stacked, tuple(output_slices)
         self.versions = None
-        self.bt, self.bt_rank = None, None  # B transposed for the kernel, and the rank it was cut to
+        self.bt, self.bt_rank, self.bt_ptrs = None, None, None  # B transposed for the kernel, cut to bt_rank
         self.paired = False
         self.paired_for = (None, None)  # the claim and versions `paired` was decided for
         self.reason = self._check()
@@ -355,6 +355,7 @@ class LayerPlan:
             self.n_slots, self.slot_rank, self.width_in = a0.shape[0], a0.shape[2], a0.shape[3]
             n = self.n = len(a_stacked)
             self.a_ptrs = (ctypes.c_void_p * n)(*[t.data_ptr() for t in a_stacked])
+            self.b_ptrs = (ctypes.c_void_p * n)(*[t.data_ptr() for t in b_stacked])
             self.c_widths = (ctypes.c_int64 * n)(*self.widths)
             self.total_width = sum(self.widths)
             self.struct = _LayerStruct(
@@ -363,33 +364,38 @@ class LayerPlan:
             )  # fmt: skip
             self.struct_ptr = ctypes.addressof(self.struct)
 
-    def refresh(self, lib, threads: int = 1) -> bool:
-        """Re-reads the used rank and B's transpose if vLLM wrote adapters since the last call (True then)."""
+    def refresh(self, lib, threads: int = 1) -> float:
+        """Re-reads the used rank and B's transpose if vLLM wrote adapters since the last call.
+
+        Returns the seconds it took, 0.0 when nothing was written (the per-call path times nothing).
+        """
         versions = layer_versions(self.a, self.b)
         if versions == self.versions:
-            return False
+            return 0.0
+        start = time.perf_counter()
         elem = self.a[0].element_size()
         rank = lib.es_used_rank(self.a_ptrs, self.n, self.n_slots, self.slot_rank, self.width_in, elem)
-        self.rank = rank
         if rank == 1 and self.slot_rank == 1:
             self.bt = self.b  # (slots, 1, out, 1) is already (slots, rank, out) in memory
         elif rank > 0:
             # Into the previous transpose's memory when the rank is unchanged (every generation of a
             # run): fresh pages would be faulted in again each time. Only this layer's calls read it.
-            if self.bt_rank != rank or self.bt is self.b:
+            if self.bt_rank != rank:
                 self.bt = tuple(torch.empty(self.n_slots, rank, w, dtype=self.dtype) for w in self.widths)
-            b_ptrs = (ctypes.c_void_p * self.n)(*[t.data_ptr() for t in self.b])
-            bt_ptrs = (ctypes.c_void_p * self.n)(*[t.data_ptr() for t in self.bt])
             lib.es_transpose_b(
-                b_ptrs, bt_ptrs, self.c_widths, self.n, self.n_slots, self.slot_rank, rank, elem, threads
-            )
-        self.bt_rank = rank
-        if rank > 0:
-            self.bt_ptrs = (ctypes.c_void_p * self.n)(*[t.data_ptr() for t in self.bt])
+                self.b_ptrs, self._pointers(self.bt), self.c_widths, self.n, self.n_slots, self.slot_rank, rank,
+                elem, threads,
+            )  # fmt: skip
+        if rank > 0 and (rank != self.bt_rank or self.bt_ptrs is None):
+            self.bt_ptrs = self._pointers(self.bt)
+        self.rank, self.bt_rank = rank, rank
         self.work = rank * (self.width_in * self.n + sum(self.widths))
         self.struct.rank, self.struct.bt = rank, ctypes.addressof(self.bt_ptrs) if rank > 0 else None
         self.versions = versions
-        return True
+        return time.perf_counter() - start
+
+    def _pointers(self, tensors):
+        return (ctypes.c_void_p * self.n)(*[t.data_ptr() for t in tensors])
 
     def _check(self) -> str | None:
         a_stacked, b_stacked, widths = self.a, self.b, self.widths
@@ -437,9 +443,9 @@ def _run(plan: LayerPlan, y, x, slots, scale, threads, stats) -> str | None:
         return "output or slot indices do not match the batch"
     if not x.is_contiguous():
         x = x.contiguous()
-    start = time.perf_counter()
-    if plan.refresh(lib, threads if _info.get("threads_ok", False) else 1) and stats is not None:
-        stats.plan_seconds += time.perf_counter() - start
+    reread = plan.refresh(lib, threads if _info.get("threads_ok", False) else 1)
+    if stats is not None:
+        stats.plan_seconds += reread
     if plan.rank == 0:  # every slot is empty: nothing to add
         if stats is not None:
             stats.add_fast(plan.name)
@@ -476,9 +482,7 @@ def _run_grouped(plan: LayerPlan, y, x, groups: StepGroups, scale, threads, stat
         return "a slot index past the stacked tensors"
     if not x.is_contiguous():
         x = x.contiguous()
-    start = time.perf_counter()
-    if plan.refresh(_library, threads if _info.get("threads_ok", False) else 1):
-        stats.plan_seconds += time.perf_counter() - start
+    stats.plan_seconds += plan.refresh(_library, threads if _info.get("threads_ok", False) else 1)
     if plan.rank == 0:  # every slot is empty: nothing to add
         stats.add_fast(plan.name)
         return None

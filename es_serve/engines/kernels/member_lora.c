@@ -118,14 +118,6 @@ static inline void bf16x16_store(uint16_t *p, __m512 v) {
 static inline int64_t expand16_f32(float *yo, const float *b0, int64_t out, const float *h, int64_t rank,
                                    int64_t n) {
     int64_t o = 0;
-    if (rank == 1) {
-        const __m512 h0 = _mm512_set1_ps(h[0]);
-        for (; o + 32 <= n; o += 32) {
-            _mm512_storeu_ps(yo + o, _mm512_fmadd_ps(h0, _mm512_loadu_ps(b0 + o), _mm512_loadu_ps(yo + o)));
-            _mm512_storeu_ps(yo + o + 16,
-                             _mm512_fmadd_ps(h0, _mm512_loadu_ps(b0 + o + 16), _mm512_loadu_ps(yo + o + 16)));
-        }
-    }
     for (; o + 16 <= n; o += 16) {
         __m512 acc = _mm512_loadu_ps(yo + o);
         for (int64_t r = 0; r < rank; ++r)
@@ -150,18 +142,6 @@ static inline int64_t expand16_bf16(uint16_t *yo, const uint16_t *b0, int64_t ou
 /* y (bf16) += sum_r h[r] B^T[r] with B already widened to float32 (ES_BLOCK floats per rank). */
 static inline int64_t wide16_bf16(uint16_t *yo, const float *wide, const float *h, int64_t rank, int64_t n) {
     int64_t o = 0;
-    if (rank == 1) { /* ES's usual rank: no inner loop, two vectors in flight */
-        const __m512 h0 = _mm512_set1_ps(h[0]);
-        for (; o + 32 <= n; o += 32) {
-            __m512 a0 = _mm512_fmadd_ps(h0, _mm512_loadu_ps(wide + o), bf16x16_load(yo + o));
-            __m512 a1 = _mm512_fmadd_ps(h0, _mm512_loadu_ps(wide + o + 16), bf16x16_load(yo + o + 16));
-            bf16x16_store(yo + o, a0);
-            bf16x16_store(yo + o + 16, a1);
-        }
-        for (; o + 16 <= n; o += 16)
-            bf16x16_store(yo + o, _mm512_fmadd_ps(h0, _mm512_loadu_ps(wide + o), bf16x16_load(yo + o)));
-        return o;
-    }
     __m512 hv[ES_WIDE_RANK]; /* broadcast once per token, not once per 16 outputs */
     for (int64_t r = 0; r < rank; ++r) hv[r] = _mm512_set1_ps(h[r]);
     for (; o + 16 <= n; o += 16) {

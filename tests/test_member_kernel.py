@@ -164,6 +164,25 @@ def test_fallbacks_are_counted_with_their_reason_and_reported_as_such():
     assert describe(KernelStats().as_dict()) == "es-idle"
 
 
+def test_an_output_with_fewer_rows_than_tokens_is_refused_not_written_past():
+    # vLLM always passes one output row per token; anything else must never reach the C kernel, which
+    # would write past the tensor. Both entry points refuse it (the torch fallback then raises).
+    y, x, a, b, slots, widths = case(2, torch.float32)
+    short = y[:-1].clone()
+    stats = KernelStats()
+    with pytest.raises((IndexError, RuntimeError)):
+        member_lora(short, x, a, b, slots, widths, 1.0, stats=stats)
+    assert stats.fast == {} and stats.fallback == {"output or slot indices do not match the batch": 1}
+    punica = PunicaWrapperCPU(slots.tolist())
+    member_kernel.install(punica)
+    punica.update_metadata()
+    with pytest.raises((IndexError, RuntimeError)):
+        punica.add_lora_linear(short, x, tuple(a), tuple(b), 1.0, widths)
+    report = member_kernel.report([punica])
+    assert report["fast_calls"] == {}
+    assert report["fallback_calls"] == {"activations not (tokens, features) with unit column stride": 1}
+
+
 def test_missing_library_falls_back_and_says_so(monkeypatch):
     monkeypatch.setattr(member_kernel, "_library", None)
     monkeypatch.setattr(member_kernel, "_load_error", "no C compiler 'cc' on PATH")
@@ -307,9 +326,12 @@ def test_engine_step_path_matches_float64_sum_on_a_large_shuffled_batch(rank, dt
     slots = torch.randint(-1, n_slots, (tokens,), generator=g)
     punica = PunicaWrapperCPU(slots.tolist())
     member_kernel.install(punica)
-    punica._es_stats.threads = 2
-    punica.update_metadata()
-    punica._es_stats.threads = 2
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # the step's threads are torch's, read when the step's grouping is made
+    try:
+        punica.update_metadata()
+    finally:
+        torch.set_num_threads(before)
     assert punica._es_groups.tokens == tokens and punica._es_groups.n_units > n_slots  # grouped once, here
     for widths, width_in in (((40, 3, 17), 77), ((300,), 33)):
         a = tuple(torch.randn(n_slots, 1, rank, width_in, generator=g).to(dtype) for _ in widths)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from adapters import Population, Target, member_lora
+from es_serve.engines import member_kernel, vllm_worker
 from es_serve.engines.vllm_worker import (
     ESWorkerExtension,
     _queue_slot_writes,
@@ -28,7 +29,18 @@ def _worker(dtype):
     return worker
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def _torch_only(monkeypatch, native):
+    """Takes the torch path where the worker would call the member kernel's library (native=False)."""
+    if native:
+        if member_kernel.load() is None:
+            pytest.skip(f"member kernel library not built: {member_kernel.load_error()}")
+        return
+    monkeypatch.setattr(vllm_worker, "_write_slots_native", lambda *args: False)
+
+
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["float32", "bfloat16", "float16"]
+)
 @pytest.mark.parametrize("rank", [1, 3])
 def test_population_layout_equals_each_member_built_alone(dtype, rank):
     pop = Population(size=6, rank=rank, sigma=0.02)
@@ -87,19 +99,28 @@ class FakeLayer:
             self.lora_b_stacked[k][index, 0, : lora_b[k].shape[0], : lora_b[k].shape[1]].copy_(lora_b[k])
 
 
-@pytest.mark.parametrize("slot_rank", [2, 8])
-def test_queued_slot_writes_equal_vllms_one_by_one(slot_rank):
+@pytest.mark.parametrize("native", [True, False], ids=["library", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("slot_rank,rank", [(2, 2), (8, 1), (8, 2), (8, 4)])
+def test_queued_slot_writes_equal_vllms_one_by_one(slot_rank, rank, dtype, native, monkeypatch):
+    _torch_only(monkeypatch, native)
     widths, width_in, slots = (12, 4, 4), 10, 6
     g = torch.Generator().manual_seed(0)
     stock, ours = FakeLayer(widths, width_in, slots, slot_rank), FakeLayer(widths, width_in, slots, slot_rank)
     for layer in (stock, ours):  # slots holding something from before, with every padding row used
+        layer.lora_a_stacked = tuple(t.to(dtype) for t in layer.lora_a_stacked)
+        layer.lora_b_stacked = tuple(t.to(dtype) for t in layer.lora_b_stacked)
         for t in layer.lora_a_stacked + layer.lora_b_stacked:
             t.copy_(torch.randn(t.shape, generator=torch.Generator().manual_seed(1)))
     _queue_slot_writes(ours)
     writes = {
-        i: ([torch.randn(2, width_in, generator=g) for _ in widths], [torch.randn(w, 2, generator=g) for w in widths])
+        i: (
+            [torch.randn(rank, width_in, generator=g).to(dtype) for _ in widths],
+            [torch.randn(w, rank, generator=g).to(dtype) for w in widths],
+        )
         for i in (4, 0, 2)
     }
+    versions = [member_kernel.layer_versions(ours.lora_a_stacked, ours.lora_b_stacked)]
     for i, (a, b) in writes.items():
         stock.set_lora(i, a, b)
     ours._es_slot_queue = {}
@@ -107,6 +128,9 @@ def test_queued_slot_writes_equal_vllms_one_by_one(slot_rank):
         ours.set_lora(i, a, b)
     assert ours.writes == 0  # queued, not written one by one
     _write_queued_slots(ours)
+    # Every slot tensor counts as written: the member kernel's plans re-read a layer when these move.
+    versions.append(member_kernel.layer_versions(ours.lora_a_stacked, ours.lora_b_stacked))
+    assert all(after > before for before, after in zip(*versions, strict=True))
     for got, want in zip(
         ours.lora_a_stacked + ours.lora_b_stacked, stock.lora_a_stacked + stock.lora_b_stacked, strict=True
     ):

@@ -24,6 +24,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import logging
+import operator
 import subprocess
 import time
 from pathlib import Path
@@ -129,6 +130,11 @@ def open_library(path: Path) -> tuple[ctypes.CDLL, dict]:
     lib.es_member_lora_units.argtypes = [
         ptr, ptr, ptr, ptr, ptr, i64, ptr, ptr, i64, i64, ctypes.c_float, ctypes.c_int,
     ]  # fmt: skip
+    lib.es_member_lora_step.restype = ctypes.c_int
+    lib.es_member_lora_step.argtypes = [ptr, ptr, ptr, ptr, i64, ctypes.c_float]  # layer, step, x, y, y stride, scale
+    lib.es_write_slots.restype = None
+    # stacked, slot rows, slot cols, slots[], sources[], count, rows, cols, element bytes, threads
+    lib.es_write_slots.argtypes = [ptr, i64, i64, ptr, ptr, i64, i64, i64, i64, ctypes.c_int]
     info = {
         "library": path.name,
         "openmp": bool(lib.es_member_lora_openmp()),
@@ -154,6 +160,11 @@ def load() -> ctypes.CDLL | None:
         _load_error = str(exc)
         log.warning("ES member kernel unavailable, using the torch fallback: %s", exc)
     return _library
+
+
+def worker_threads() -> int:
+    """Threads for the library's per-generation writes: torch's, unless a second OpenMP runtime got loaded."""
+    return torch.get_num_threads() if _info.get("threads_ok", False) else 1
 
 
 def load_error() -> str | None:
@@ -256,6 +267,22 @@ class _LayerStruct(ctypes.Structure):
         ("bt", ctypes.c_void_p),
         ("widths", ctypes.c_void_p),
         ("paired", ctypes.c_int64),
+        ("work", ctypes.c_int64),
+    ]
+
+
+class _StepStruct(ctypes.Structure):
+    """es_step in kernels/member_lora.c: one engine step's grouping and threads."""
+
+    _fields_ = [
+        ("slots", ctypes.c_void_p),
+        ("canon", ctypes.c_void_p),
+        ("order", ctypes.c_void_p),
+        ("units", ctypes.c_void_p),
+        ("n_units", ctypes.c_int64),
+        ("tokens", ctypes.c_int64),
+        ("min_work", ctypes.c_int64),
+        ("threads", ctypes.c_int64),
     ]
 
 
@@ -290,9 +317,12 @@ class PairClaim:
         self.canon, self.versions, self.pairs = canon, dict(versions), int(partnered.sum())
 
 
+_version = operator.attrgetter("_version")
+
+
 def layer_versions(a_stacked, b_stacked) -> tuple[int, ...]:
     """The version counters LayerPlan watches: any in-place write to a layer's slots changes them."""
-    return tuple(t._version for t in a_stacked) + tuple(t._version for t in b_stacked)
+    return (*map(_version, a_stacked), *map(_version, b_stacked))
 
 
 class StepGroups:
@@ -311,8 +341,10 @@ class StepGroups:
         self.n_units = -1
         self.claim: PairClaim | None = None  # the pairs this step's units group together
         self.canon_ptr = None
+        self.struct = _StepStruct()
+        self.struct_ptr = ctypes.addressof(self.struct)
 
-    def update(self, lib, slots: torch.Tensor, claim: PairClaim | None = None) -> None:
+    def update(self, lib, slots: torch.Tensor, claim: PairClaim | None = None, threads: int = 1) -> None:
         self.slots, self.tokens = slots, slots.shape[0]
         self.n_units = -1
         self.claim, self.canon_ptr = None, None
@@ -329,6 +361,10 @@ class StepGroups:
             slots.data_ptr(), self.tokens, self.bound, self.canon_ptr, self.order.data_ptr(), self.units.data_ptr()
         )
         self.slots_ptr, self.order_ptr, self.units_ptr = slots.data_ptr(), self.order.data_ptr(), self.units.data_ptr()
+        st = self.struct
+        st.slots, st.canon, st.order, st.units = self.slots_ptr, self.canon_ptr, self.order_ptr, self.units_ptr
+        st.n_units, st.tokens, st.min_work = self.n_units, self.tokens, PARALLEL_MIN_WORK
+        st.threads = threads if _info.get("threads_ok", False) else 1
 
 
 class LayerPlan:
@@ -343,6 +379,7 @@ class LayerPlan:
 
     def __init__(self, a_stacked, b_stacked, output_slices):
         self.a, self.b, self.widths = a_stacked, b_stacked, tuple(output_slices)
+        self.watch = (*a_stacked, *b_stacked)  # the tensors whose version counters say they were written
         self.versions = None
         self.bt, self.bt_rank, self.bt_ptrs = None, None, None  # B transposed for the kernel, cut to bt_rank
         self.paired = False
@@ -369,7 +406,7 @@ class LayerPlan:
 
         Returns the seconds it took, 0.0 when nothing was written (the per-call path times nothing).
         """
-        versions = layer_versions(self.a, self.b)
+        versions = tuple(map(_version, self.watch))
         if versions == self.versions:
             return 0.0
         start = time.perf_counter()
@@ -391,6 +428,7 @@ class LayerPlan:
         self.rank, self.bt_rank = rank, rank
         self.work = rank * (self.width_in * self.n + sum(self.widths))
         self.struct.rank, self.struct.bt = rank, ctypes.addressof(self.bt_ptrs) if rank > 0 else None
+        self.struct.work = self.work
         self.versions = versions
         return time.perf_counter() - start
 
@@ -439,7 +477,9 @@ def _run(plan: LayerPlan, y, x, slots, scale, threads, stats) -> str | None:
         return reason
     if y.dim() != 2 or y.stride(1) != 1 or x.dim() != 2 or x.shape[1] != plan.width_in:
         return "activations not (tokens, features) with unit column stride"
-    if y.shape[1] < sum(plan.widths) or slots.dtype != torch.int64 or slots.shape[0] != x.shape[0]:
+    if y.shape[1] < sum(plan.widths) or y.shape[0] != x.shape[0]:
+        return "output or slot indices do not match the batch"
+    if slots.dtype != torch.int64 or slots.shape[0] != x.shape[0]:
         return "output or slot indices do not match the batch"
     if not x.is_contiguous():
         x = x.contiguous()
@@ -471,40 +511,41 @@ def _run(plan: LayerPlan, y, x, slots, scale, threads, stats) -> str | None:
 def _run_grouped(plan: LayerPlan, y, x, groups: StepGroups, scale, threads, stats) -> str | None:
     """`_run` for an engine step whose tokens were grouped once (StepGroups): the per-layer hot path.
 
-    Only what can differ between the layers of one step is checked here.
+    Only what can differ between the layers of one step is checked here, and the step's grouping and
+    threads reach the kernel in one struct (es_member_lora_step): this runs once per layer and step.
     """
-    reason = _refusal(_library, plan, y, x)
-    if reason is not None:
-        return reason
-    if x.shape[0] != groups.tokens or x.shape[1] != plan.width_in or y.stride(1) != 1 or y.shape[1] < plan.total_width:
+    dtype = plan.dtype if plan.reason is None else None
+    if dtype is None or _library is None or x.dtype is not dtype or y.dtype is not dtype:
+        return _refusal(_library, plan, y, x)
+    xs, ys = x.shape, y.shape
+    if xs[0] != groups.tokens or xs[1] != plan.width_in or ys[0] != xs[0] or ys[1] < plan.total_width:
+        return "activations not (tokens, features) with unit column stride"
+    if y.stride(1) != 1:
         return "activations not (tokens, features) with unit column stride"
     if groups.n_units < 0 or groups.bound > plan.n_slots:
         return "a slot index past the stacked tensors"
     if not x.is_contiguous():
         x = x.contiguous()
-    stats.plan_seconds += plan.refresh(_library, threads if _info.get("threads_ok", False) else 1)
+    if tuple(map(_version, plan.watch)) != plan.versions:
+        stats.plan_seconds += plan.refresh(_library, threads if _info.get("threads_ok", False) else 1)
     if plan.rank == 0:  # every slot is empty: nothing to add
         stats.add_fast(plan.name)
         return None
-    if groups.tokens * plan.work < PARALLEL_MIN_WORK or not _info.get("threads_ok", False):
-        threads = 1
     claim, decided = groups.claim, plan.paired_for
     # Decided again only when the claim or the layer's contents changed (refresh replaces `versions`).
     if claim is not decided[0] or plan.versions is not decided[1]:
         plan.paired = claim is not None and claim.versions.get(id(plan.a)) == plan.versions
         plan.paired_for = (claim, plan.versions)
         plan.struct.paired = int(plan.paired)
-    paired = plan.paired
     start = time.perf_counter()
-    rc = _library.es_member_lora_units(
-        plan.struct_ptr, groups.slots_ptr, groups.canon_ptr, groups.order_ptr, groups.units_ptr, groups.n_units,
-        x.data_ptr(), y.data_ptr(), y.stride(0), 0, scale, threads,
-    )  # fmt: skip
+    rc = _library.es_member_lora_step(
+        plan.struct_ptr, groups.struct_ptr, x.data_ptr(), y.data_ptr(), y.stride(0), scale
+    )
+    stats.seconds += time.perf_counter() - start
     if rc < 1:
         return "kernel refused its arguments (a slot index past the stacked tensors?)"
-    stats.seconds += time.perf_counter() - start
     stats.add_fast(plan.name)
-    stats.paired += paired
+    stats.paired += plan.paired
     if rc > stats.team:
         stats.team = rc
     return None
@@ -577,10 +618,10 @@ def install(punica) -> bool:
         # skips the LoRA term entirely instead of visiting every token to find slot -1.
         punica._es_slots = punica.token_lora_indices.contiguous()
         punica._es_any = bool((punica._es_slots >= 0).any())
-        if punica._es_any:
-            groups.update(load(), punica._es_slots, getattr(punica, "_es_claim", None))
         # vLLM fixes its compute threads when the worker starts; read here, off the per-layer path.
         stats.threads = torch.get_num_threads()
+        if punica._es_any:
+            groups.update(load(), punica._es_slots, getattr(punica, "_es_claim", None), stats.threads)
 
     def add_lora_linear(y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, **kwargs):
         slots = getattr(punica, "_es_slots", None)
@@ -633,7 +674,7 @@ def set_claim(punica, claim: PairClaim | None) -> None:
     punica._es_claim = claim
     groups = getattr(punica, "_es_groups", None)
     if groups is not None and getattr(punica, "_es_any", False) and groups.slots is punica._es_slots:
-        groups.update(load(), punica._es_slots, claim)
+        groups.update(load(), punica._es_slots, claim, punica._es_stats.threads)
 
 
 def uninstall(punica) -> None:

@@ -100,7 +100,8 @@ def _queue_slot_writes(module) -> None:
 
 
 def _write_queued_slots(module) -> None:
-    """Writes the slots `set_lora` queued (see _queue_slot_writes): per slice, one indexed copy."""
+    """Writes the slots `set_lora` queued (see _queue_slot_writes): per slice, one call of the member
+    kernel's library (`_write_slots_native`) where it is built, else one indexed copy."""
     queue, module._es_slot_queue = module._es_slot_queue, None
     if not queue:
         return
@@ -114,6 +115,8 @@ def _write_queued_slots(module) -> None:
                 for i, (lora_a, lora_b) in queue.items():
                     module._es_set_lora_one(i, lora_a, lora_b)
                 return
+            if _write_slots_native(stacked, index, sources):
+                continue
             source = torch.stack(sources).to(stacked.dtype).unsqueeze(1)
             rows, cols = shape
             if (rows, cols) == tuple(stacked.shape[2:]):
@@ -126,6 +129,44 @@ def _write_queued_slots(module) -> None:
                 stacked[:, :, rows:, :].index_fill_(0, index, 0)
             if cols < stacked.shape[3]:
                 stacked[:, :, :rows, cols:].index_fill_(0, index, 0)
+
+
+def _write_slots_native(stacked: torch.Tensor, index: torch.Tensor, sources: list[torch.Tensor]) -> bool:
+    """One slice's queued writes by the member kernel's library, straight from each adapter's tensor.
+
+    False (nothing written) when the library is not built or the tensors are not plain contiguous CPU
+    tensors of the slots' dtype; the caller then writes them with torch.
+    """
+    import ctypes
+
+    from .member_kernel import load, worker_threads
+
+    rows, cols = sources[0].shape
+    if (
+        stacked.device.type != "cpu"
+        or not stacked.is_contiguous()
+        or stacked.dim() != 4
+        or stacked.shape[1] != 1
+        or not 0 <= int(index.min()) <= int(index.max()) < stacked.shape[0]
+        or rows > stacked.shape[2]
+        or cols > stacked.shape[3]
+        or stacked.element_size() not in (2, 4)
+        or not all(t.dtype == stacked.dtype and t.is_contiguous() and t.device.type == "cpu" for t in sources)
+    ):
+        return False
+    lib = load()
+    if lib is None:
+        return False
+    count = len(sources)
+    pointers = (ctypes.c_void_p * count)(*[t.data_ptr() for t in sources])
+    lib.es_write_slots(
+        stacked.data_ptr(), stacked.shape[2], stacked.shape[3], index.data_ptr(), pointers, count, rows, cols,
+        stacked.element_size(), worker_threads(),
+    )  # fmt: skip
+    # Written through raw pointers: bump the version counter as torch's own in-place writes do, which
+    # the member kernel's layer plans watch to re-read the slots.
+    torch.autograd.graph.increment_version(stacked)
+    return True
 
 
 def member_path(seed: int, epoch: int, member: int, pop: Population) -> str:

@@ -655,7 +655,16 @@ typedef struct {
     const void *const *bt;
     const int64_t *widths;
     int64_t paired; /* every pair of the grouping's `canon` holds the same A and negated B in this layer */
+    int64_t work;   /* multiply-adds per token, rank (in n_slices + sum of widths): decides the threads */
 } es_layer;
+
+/* One engine step's grouping (es_member_group) and threads, shared by every layer of the step. */
+typedef struct {
+    const int64_t *slots, *canon, *order, *units;
+    int64_t n_units, tokens;
+    int64_t min_work; /* calls with fewer multiply-adds (tokens x work) run on one thread */
+    int64_t threads;
+} es_step;
 
 /* All slices of one layer for the grouped tokens (es_member_group), the units split over `threads`.
  * A_k is (n_slots, a_rows, in) of which the first `rank` rows are used (vLLM pads every slot to its
@@ -709,6 +718,16 @@ int es_member_lora_units(const es_layer *layer, const int64_t *slots, const int6
     return team;
 }
 
+/* The engine's per-layer call: es_member_lora_units with the step's grouping and threads read from
+ * `step`, so the call converts six arguments instead of twelve (it runs once per layer and step, and
+ * between two calls the layer's GEMM has pushed the interpreter's state out of the caches). */
+int es_member_lora_step(const es_layer *layer, const es_step *step, const void *x, void *y, int64_t y_stride,
+                        float scale) {
+    const int threads = step->tokens * layer->work < step->min_work ? 1 : (int)step->threads;
+    return es_member_lora_units(layer, step->slots, step->canon, step->order, step->units, step->n_units, x, y,
+                                y_stride, 0, scale, threads);
+}
+
 /* Grouping and layer in one call, for callers without a per-step plan (tests, one-off calls). */
 int es_member_lora(int dtype, const void *x, int64_t tokens, int64_t in, const void *const *a, int64_t a_rows,
                    int64_t n_slots, const void *const *bt, const int64_t *widths, int64_t n_slices, int64_t rank,
@@ -721,7 +740,7 @@ int es_member_lora(int dtype, const void *x, int64_t tokens, int64_t in, const v
     if (order && units) {
         const int64_t n_units = es_member_group(slots, tokens, n_slots, (const int64_t *)0, order, units);
         if (n_units >= 0) {
-            const es_layer layer = {dtype, in, a_rows, n_slots, n_slices, rank, a, bt, widths, 0};
+            const es_layer layer = {dtype, in, a_rows, n_slots, n_slices, rank, a, bt, widths, 0, 0};
             rc = es_member_lora_units(&layer, slots, (const int64_t *)0, order, units, n_units, x, y, y_stride,
                                       y_offset, scale, threads);
         }
@@ -783,5 +802,46 @@ void es_transpose_b(const void *const *b, void *const *bt, const int64_t *widths
                     for (int64_t r = 0; r < rank; ++r) dst[r * w + o] = src[o * b_rows + r];
             }
         }
+    }
+}
+
+/* The worker's writes of a generation's members into vLLM's slots (vllm_worker.py), in C for the same
+ * reason as the plan's re-read above: torch stacked every member's tensors into a temporary before its
+ * indexed copy, and copied B's rows (r of R values each) element by element through strided views. */
+
+/* Adapters into slots of a stacked LoRA tensor (slots, 1, slot_rows, slot_cols), contiguous: for each
+ * entry, the (rows, cols) contiguous source goes to the slot's top-left corner and the rest of the slot
+ * is zeroed, as vLLM's reset_lora then set_lora leave it. Entries split over `threads`. */
+void es_write_slots(void *stacked, int64_t slot_rows, int64_t slot_cols, const int64_t *slots,
+                    const void *const *sources, int64_t count, int64_t rows, int64_t cols, int64_t elem,
+                    int threads) {
+    if (threads < 1) threads = 1;
+    if (elem != 2 && elem != 4) return;
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
+    for (int64_t e = 0; e < count; ++e) {
+        char *dst = (char *)stacked + slots[e] * slot_rows * slot_cols * elem;
+        const char *src = (const char *)sources[e];
+        if (cols == slot_cols) {
+            memcpy(dst, src, (size_t)(rows * cols * elem));
+        } else if ((cols * elem) % 8 == 0 && (slot_cols * elem) % 8 == 0) {
+            /* B's rows are r of R values (4 of 8 at rank 4): whole 8-byte words, not a library call per row */
+            const int64_t cw = cols * elem / 8, sw = slot_cols * elem / 8;
+            const uint64_t zero = 0;
+            for (int64_t i = 0; i < rows; ++i) { /* memcpy of 8 bytes: one move, with no alignment assumed */
+                for (int64_t j = 0; j < cw; ++j) memcpy(dst + (i * sw + j) * 8, src + (i * cw + j) * 8, 8);
+                for (int64_t j = cw; j < sw; ++j) memcpy(dst + (i * sw + j) * 8, &zero, 8);
+            }
+        } else if (elem == 2) {
+            uint16_t *o = (uint16_t *)dst;
+            const uint16_t *in = (const uint16_t *)src;
+            for (int64_t i = 0; i < rows; ++i)
+                for (int64_t j = 0; j < slot_cols; ++j) o[i * slot_cols + j] = j < cols ? in[i * cols + j] : 0;
+        } else {
+            uint32_t *o = (uint32_t *)dst;
+            const uint32_t *in = (const uint32_t *)src;
+            for (int64_t i = 0; i < rows; ++i)
+                for (int64_t j = 0; j < slot_cols; ++j) o[i * slot_cols + j] = j < cols ? in[i * cols + j] : 0;
+        }
+        memset(dst + rows * slot_cols * elem, 0, (size_t)((slot_rows - rows) * slot_cols * elem));
     }
 }

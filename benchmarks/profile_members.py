@@ -10,7 +10,8 @@ member kernel. The profiler slows Python-heavy parts more than the GEMMs, so rea
 upper bound (the kernel's per-layer pieces are called thousands of times per generation, so their
 profiled times are mostly the profiler's). Each timed repeat also records, without the profiler, how
 long putting the members into slots took (part of the member generation), the kernel's own time and
-its layer plans' re-reading after the slots were written (the kernel's counters), and the merge that
+its layer plans' re-reading after the slots were written (the kernel's counters), the time of the
+per-layer LoRA calls around the kernel (the Python each call costs), and the merge that
 follows it (fitness +1 / -1 by member, lr 0, so the weights do not move and every repeat merges the
 same amount of work).
 
@@ -57,6 +58,39 @@ def _cumulative(stats: pstats.Stats, filename: str, function: str) -> float:
     )  # fmt: skip
 
 
+def time_layer_calls(worker, decode_tokens: int) -> None:
+    """Runs in the engine's worker: times every call of the LoRA wrappers' per-layer entry point.
+
+    The time outside the C kernel (this total minus the kernel's own counter) is the Python around
+    each layer's call; the timing wrapper adds its own few tenths of a microsecond per call. Calls on
+    more than `decode_tokens` tokens (N x P, a decode step's batch) are the prompts' prefill.
+    """
+    totals = worker._es_layer_calls = [0.0, 0, 0.0]  # seconds, calls, of the seconds in prefill
+
+    def wrap(inner):
+        def timed(y, x, *args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return inner(y, x, *args, **kwargs)
+            finally:
+                seconds = time.perf_counter() - start
+                totals[0] += seconds
+                totals[1] += 1
+                if x.shape[0] > decode_tokens:
+                    totals[2] += seconds
+
+        return timed
+
+    for punica in worker.model_runner.lora_manager._adapter_manager.punica_wrapper_mapping.values():
+        punica.add_lora_linear = wrap(punica.add_lora_linear)
+
+
+def read_layer_calls(worker) -> tuple[float, int, float]:
+    seconds, calls, prefill = worker._es_layer_calls
+    worker._es_layer_calls[:] = [0.0, 0, 0.0]
+    return seconds, calls, prefill
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.profile_members", description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"))
@@ -100,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     prompts = [f"What is {a} + {b}?" for a, b in ((3, 4), (10, 7), (8, 15), (2, 19), (6, 6), (1, 9))][: args.prompts]
     sampling = Sampling(max_tokens=args.max_tokens, ignore_eos=True)
     engine.generate(prompts * pop.size, sampling)  # warm-up
+    engine.llm.collective_rpc(time_layer_calls, args=(pop.size * args.prompts,))
     default_threads = torch.get_num_threads()
     epoch = 1000
     by_threads = {}
@@ -118,9 +153,11 @@ def main(argv: list[str] | None = None) -> int:
             pure = time.perf_counter() - t
             report = engine.kernel_report()
             kernel_before, plans_before = report["kernel_seconds"], report.get("plan_seconds", 0.0)
+            engine.llm.collective_rpc(read_layer_calls)
             t = time.perf_counter()
             engine.generate_population(Generation(pop, 0, epoch, 1), prompts, sampling)
             members = time.perf_counter() - t
+            layer_s, calls, prefill_s = engine.llm.collective_rpc(read_layer_calls)[0]
             report = engine.kernel_report()
             kernel = report["kernel_seconds"] - kernel_before
             plans = report.get("plan_seconds", 0.0) - plans_before
@@ -131,18 +168,23 @@ def main(argv: list[str] | None = None) -> int:
             epoch += 1
             runs.append(
                 {"pure_s": pure, "members_s": members, "ratio": pure / members, "kernel_s": kernel,
-                 "kernel_share": kernel / members, "plans_s": plans, "prepare_s": prep, "merge_s": merge}
+                 "kernel_share": kernel / members, "plans_s": plans, "prepare_s": prep, "merge_s": merge,
+                 "layer_calls": calls, "layer_calls_s": layer_s, "layer_calls_prefill_s": prefill_s,
+                 "outside_kernel_us_per_call": 1e6 * (layer_s - kernel) / calls if calls else None}
             )  # fmt: skip
             print(
                 f"{threads} thread(s), repeat {rep + 1}: pure {pure:.2f} s, members {members:.2f} s, "
                 f"ratio {pure / members:.3f}, member kernel {kernel:.3f} s ({100 * kernel / members:.1f} %), "
-                f"layer plans re-read {plans:.3f} s, into slots {prep:.3f} s, merge {merge:.3f} s",
+                f"layer plans re-read {plans:.3f} s, into slots {prep:.3f} s, merge {merge:.3f} s, "
+                f"layer calls {layer_s:.3f} s (prefill {prefill_s:.3f} s; "
+                f"{1e6 * (layer_s - kernel) / max(calls, 1):.1f} us each outside the kernel)",
                 flush=True,
             )
         by_threads[str(threads)] = {
             "runs": runs,
             **{f"{key}_median": statistics.median(r[key] for r in runs)
-               for key in ("ratio", "kernel_share", "kernel_s", "plans_s", "prepare_s", "merge_s")},
+               for key in ("ratio", "kernel_share", "kernel_s", "plans_s", "prepare_s", "merge_s", "layer_calls_s",
+                           "layer_calls_prefill_s", "outside_kernel_us_per_call")},
         }  # fmt: skip
     torch.set_num_threads(default_threads)
     profile = cProfile.Profile()

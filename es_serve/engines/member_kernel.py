@@ -162,9 +162,14 @@ def load() -> ctypes.CDLL | None:
     return _library
 
 
+def usable_threads(threads: int) -> int:
+    """`threads`, or 1 when the library must stay serial (a second OpenMP runtime got loaded; open_library)."""
+    return threads if _info.get("threads_ok", False) else 1
+
+
 def worker_threads() -> int:
-    """Threads for the library's per-generation writes: torch's, unless a second OpenMP runtime got loaded."""
-    return torch.get_num_threads() if _info.get("threads_ok", False) else 1
+    """Threads for the library's per-generation writes: torch's, where the library may use them."""
+    return usable_threads(torch.get_num_threads())
 
 
 def load_error() -> str | None:
@@ -364,7 +369,7 @@ class StepGroups:
         st = self.struct
         st.slots, st.canon, st.order, st.units = self.slots_ptr, self.canon_ptr, self.order_ptr, self.units_ptr
         st.n_units, st.tokens, st.min_work = self.n_units, self.tokens, PARALLEL_MIN_WORK
-        st.threads = threads if _info.get("threads_ok", False) else 1
+        st.threads = usable_threads(threads)
 
 
 class LayerPlan:
@@ -401,12 +406,14 @@ class LayerPlan:
             )  # fmt: skip
             self.struct_ptr = ctypes.addressof(self.struct)
 
-    def refresh(self, lib, threads: int = 1) -> float:
+    def refresh(self, lib, threads: int = 1, versions: tuple[int, ...] | None = None) -> float:
         """Re-reads the used rank and B's transpose if vLLM wrote adapters since the last call.
 
-        Returns the seconds it took, 0.0 when nothing was written (the per-call path times nothing).
+        `versions`: the layer's version counters if the caller has just read them. Returns the seconds
+        it took, 0.0 when nothing was written (the per-call path times nothing).
         """
-        versions = tuple(map(_version, self.watch))
+        if versions is None:
+            versions = tuple(map(_version, self.watch))
         if versions == self.versions:
             return 0.0
         start = time.perf_counter()
@@ -477,13 +484,16 @@ def _run(plan: LayerPlan, y, x, slots, scale, threads, stats) -> str | None:
         return reason
     if y.dim() != 2 or y.stride(1) != 1 or x.dim() != 2 or x.shape[1] != plan.width_in:
         return "activations not (tokens, features) with unit column stride"
-    if y.shape[1] < sum(plan.widths) or y.shape[0] != x.shape[0]:
-        return "output or slot indices do not match the batch"
-    if slots.dtype != torch.int64 or slots.shape[0] != x.shape[0]:
+    if (
+        y.shape[1] < sum(plan.widths)
+        or y.shape[0] != x.shape[0]
+        or slots.dtype != torch.int64
+        or slots.shape[0] != x.shape[0]
+    ):
         return "output or slot indices do not match the batch"
     if not x.is_contiguous():
         x = x.contiguous()
-    reread = plan.refresh(lib, threads if _info.get("threads_ok", False) else 1)
+    reread = plan.refresh(lib, usable_threads(threads))
     if stats is not None:
         stats.plan_seconds += reread
     if plan.rank == 0:  # every slot is empty: nothing to add
@@ -491,8 +501,7 @@ def _run(plan: LayerPlan, y, x, slots, scale, threads, stats) -> str | None:
             stats.add_fast(plan.name)
         return None
     tokens = x.shape[0]
-    if tokens * plan.work < PARALLEL_MIN_WORK or not _info.get("threads_ok", False):
-        threads = 1
+    threads = 1 if tokens * plan.work < PARALLEL_MIN_WORK else usable_threads(threads)
     start = time.perf_counter()
     rc = lib.es_member_lora(
         plan.code, x.data_ptr(), tokens, plan.width_in, plan.a_ptrs, plan.slot_rank, plan.n_slots, plan.bt_ptrs,
@@ -526,8 +535,9 @@ def _run_grouped(plan: LayerPlan, y, x, groups: StepGroups, scale, threads, stat
         return "a slot index past the stacked tensors"
     if not x.is_contiguous():
         x = x.contiguous()
-    if tuple(map(_version, plan.watch)) != plan.versions:
-        stats.plan_seconds += plan.refresh(_library, threads if _info.get("threads_ok", False) else 1)
+    versions = tuple(map(_version, plan.watch))
+    if versions != plan.versions:
+        stats.plan_seconds += plan.refresh(_library, usable_threads(threads), versions)
     if plan.rank == 0:  # every slot is empty: nothing to add
         stats.add_fast(plan.name)
         return None

@@ -166,18 +166,19 @@ def main(argv: list[str] | None = None) -> int:
             engine.apply_update(Generation(pop, 0, epoch, 1), fitness, 0.0)
             merge = time.perf_counter() - t
             epoch += 1
+            outside_us = 1e6 * (layer_s - kernel) / calls if calls else None
             runs.append(
                 {"pure_s": pure, "members_s": members, "ratio": pure / members, "kernel_s": kernel,
                  "kernel_share": kernel / members, "plans_s": plans, "prepare_s": prep, "merge_s": merge,
                  "layer_calls": calls, "layer_calls_s": layer_s, "layer_calls_prefill_s": prefill_s,
-                 "outside_kernel_us_per_call": 1e6 * (layer_s - kernel) / calls if calls else None}
+                 "outside_kernel_us_per_call": outside_us}
             )  # fmt: skip
             print(
                 f"{threads} thread(s), repeat {rep + 1}: pure {pure:.2f} s, members {members:.2f} s, "
                 f"ratio {pure / members:.3f}, member kernel {kernel:.3f} s ({100 * kernel / members:.1f} %), "
                 f"layer plans re-read {plans:.3f} s, into slots {prep:.3f} s, merge {merge:.3f} s, "
                 f"layer calls {layer_s:.3f} s (prefill {prefill_s:.3f} s; "
-                f"{1e6 * (layer_s - kernel) / max(calls, 1):.1f} us each outside the kernel)",
+                f"{outside_us or 0.0:.1f} us each outside the kernel)",
                 flush=True,
             )
         by_threads[str(threads)] = {

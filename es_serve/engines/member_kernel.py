@@ -485,7 +485,7 @@ def _run(plan: LayerPlan, y, x, slots, scale, threads, stats) -> str | None:
     if y.dim() != 2 or y.stride(1) != 1 or x.dim() != 2 or x.shape[1] != plan.width_in:
         return "activations not (tokens, features) with unit column stride"
     if (
-        y.shape[1] < sum(plan.widths)
+        y.shape[1] < plan.total_width
         or y.shape[0] != x.shape[0]
         or slots.dtype != torch.int64
         or slots.shape[0] != x.shape[0]

@@ -124,6 +124,13 @@ def table(results: list[dict]) -> str:
             f"- N={r['population']} r={r['rank']} {name}: broken measurement, {why}"
             for name, why in r["broken"].items()
         ]
+        stock = r.get("pure_vllm_lora_ops_tok_s")
+        if stock and r.get("gemm", "vllm") != "vllm":
+            notes.append(
+                f"- N={r['population']} r={r['rank']}: trained layers on the {r['gemm']} GEMM (pure inference and "
+                f"members alike); pure inference on vLLM's own GEMM ran at {cell(stock)} tok/s, against which "
+                "the PEFT-file ratio is taken"
+            )
         hits = r.get("prefix_cache_hit_tokens")
         if hits:
             notes.append(

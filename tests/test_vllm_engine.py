@@ -27,7 +27,8 @@ def engines(tiny_model_dir):
 
 # First in this file on purpose: its engine is closed before the module's float32 engine starts, as
 # vLLM's CPU worker sizes its KV cache against the whole process's memory.
-def test_auto_dtype_members_match_the_float64_reference(tiny_model_dir):
+@pytest.mark.parametrize("fused", [False, True], ids=["vllm-gemm", "fused-gemm"])
+def test_auto_dtype_members_match_the_float64_reference(tiny_model_dir, fused, monkeypatch):
     """The machine's own dtype (bfloat16 where the CPU has native bf16) through the member kernel.
 
     Greedy tokens cannot be compared exactly: bf16 rounding flips near-ties. What must hold is that
@@ -36,9 +37,16 @@ def test_auto_dtype_members_match_the_float64_reference(tiny_model_dir):
     perturbation moves (a missing, misplaced or mis-scaled LoRA term is as large as that), and vLLM's
     greedy choice is the float64 argmax or within the bf16 error of it.
     """
+    from es_serve.engines import member_gemm
     from es_serve.engines.sizing import resolve_dtype
     from es_serve.engines.vllm_engine import VLLMEngine
 
+    if fused and not member_gemm.supported():
+        pytest.skip("no AMX bf16 on this CPU: the fused GEMM is not built")
+    if fused:
+        monkeypatch.setenv(member_gemm.ENV, "1")
+    else:
+        monkeypatch.delenv(member_gemm.ENV, raising=False)
     members = 8
     pop = Population(size=members, rank=1, sigma=0.3)
     engine = VLLMEngine(tiny_model_dir, pop, len(PROMPTS), 1, dtype="auto", memory_fraction=0.1)
@@ -63,11 +71,24 @@ def test_auto_dtype_members_match_the_float64_reference(tiny_model_dir):
         engine._rpc("es_prepare", [])  # withdraws the pair claim: every slot reads its own rows
         own_rows = engine.llm.generate(requests, params, lora_request=loras, use_tqdm=False)
         after = engine.kernel_report()
+        # The bench's stock baseline gives the layers vLLM's GEMM back, and "es" the fused one again.
+        engine.use_kernel("vllm")
+        switched = engine.kernel_report()["gemm"]
+        engine.use_kernel("es")
+        back = engine.kernel_report()["gemm"]
     finally:
         engine.close()
     name = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}[engine.dtype]
     assert kernel == f"es-c-{name}", report
     assert report["fallback_calls"] == {}
+    # Asked for on a CPU with AMX, bfloat16 runs the trained layers on the fused GEMM, the member term in its
+    # epilogue; otherwise on vLLM's GEMM with the member kernel after it.
+    if fused and engine.dtype == "bfloat16":
+        assert report["gemm"] == "es-amx-bf16" and report["fused_calls"] > 0 and not report["gemm_calls_stock"], report
+        assert (switched, back) == ("vllm", "es-amx-bf16")
+    else:
+        assert report["gemm"] == "vllm" and report["fused_calls"] == 0, report
+        assert (switched, back) == ("vllm", "vllm")
     assert report["paired_calls"] > 0 and after["paired_calls"] == report["paired_calls"]
     # Reading a pair's rows once gives each member its own bits: identical log-probabilities.
     for shared, own in zip(outputs, own_rows, strict=True):

@@ -36,6 +36,7 @@ from adapters.native import compile_library, compiler_version, find_compiler, ke
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("kernels") / "member_lora.c"
+GEMM_SOURCE = SOURCE.with_name("member_gemm.c")  # included by member_lora.c: one library
 FLAGS = ["-O3", "-march=native", "-std=c11", "-shared", "-fPIC"]
 # Tried in order: threaded, then serial for compilers without OpenMP (plain clang, for one).
 VARIANTS = {"openmp": ["-fopenmp"], "serial": ["-fopenmp-simd"]}
@@ -44,6 +45,12 @@ DTYPES = {torch.float32: (0, "f32"), torch.bfloat16: (1, "bf16"), torch.float16:
 # Below this many multiply-adds per call one thread finishes before a team could be woken
 # (measured by benchmarks/member_kernel.py: a fork-join costs a few microseconds).
 PARALLEL_MIN_WORK = 1 << 16
+# Highest member rank whose term the fused GEMM adds in its epilogue (es_gemm_lora's limit). Above it the
+# fused GEMM runs plain and the kernel here adds the term after it, which is slower at every rank measured:
+# the GEMM splits output columns over the threads and this kernel splits tokens, so half of what it reads
+# was just written by the other core (benchmarks/member_gemm.py, one decode step of SmolLM2's trained
+# layers at N = 32, rank 4: 10.7 ms on top of the plain GEMM this way, 8.4 ms in the epilogue).
+FUSED_MAX_RANK = 16
 _library: ctypes.CDLL | None = None
 _load_error: str | None = None
 _info: dict = {}
@@ -67,7 +74,14 @@ def _cpu_signature() -> str:
 
 
 def library_path(compiler: str, variant: str = "openmp") -> Path:
-    parts = [SOURCE.read_text(), *FLAGS, *VARIANTS[variant], compiler_version(compiler), _cpu_signature()]
+    parts = [
+        SOURCE.read_text(),
+        GEMM_SOURCE.read_text(),
+        *FLAGS,
+        *VARIANTS[variant],
+        compiler_version(compiler),
+        _cpu_signature(),
+    ]
     key = hashlib.sha256("\0".join(parts).encode()).hexdigest()
     return cache_dir() / f"member_lora-{variant}-{key[:16]}.so"
 
@@ -135,6 +149,9 @@ def open_library(path: Path) -> tuple[ctypes.CDLL, dict]:
     lib.es_write_slots.restype = None
     # stacked, slot rows, slot cols, slots[], sources[], count, rows, cols, element bytes, threads
     lib.es_write_slots.argtypes = [ptr, i64, i64, ptr, ptr, i64, i64, i64, i64, ctypes.c_int]
+    from .member_gemm import declare
+
+    declare(lib)
     info = {
         "library": path.name,
         "openmp": bool(lib.es_member_lora_openmp()),
@@ -210,6 +227,7 @@ class KernelStats:
         self.seconds = 0.0  # wall time inside the C kernel: the LoRA term's own cost (benchmarks read it)
         self.paired = 0  # kernel calls that read each antithetic pair's rows once for both members
         self.plan_seconds = 0.0  # wall time re-reading layers after their slots were written (LayerPlan.refresh)
+        self.fused = 0  # calls whose term the fused GEMM added in its epilogue (member_gemm.py)
 
     def add_fast(self, name: str) -> None:
         self.fast[name] = self.fast.get(name, 0) + 1
@@ -226,6 +244,7 @@ class KernelStats:
             "kernel_seconds": self.seconds,
             "paired_calls": self.paired,
             "plan_seconds": self.plan_seconds,
+            "fused_calls": self.fused,
         }
 
 
@@ -244,12 +263,13 @@ def describe(report: dict) -> str:
 def merge_reports(reports) -> dict:
     out = {
         "fast_calls": {}, "fallback_calls": {}, "threads": 1, "kernel_threads_max": 0, "kernel_seconds": 0.0,
-        "paired_calls": 0, "plan_seconds": 0.0,
+        "paired_calls": 0, "plan_seconds": 0.0, "fused_calls": 0,
     }  # fmt: skip
     for r in reports:
         out["kernel_seconds"] += r.get("kernel_seconds", 0.0)
         out["plan_seconds"] += r.get("plan_seconds", 0.0)
         out["paired_calls"] += r.get("paired_calls", 0)
+        out["fused_calls"] += r.get("fused_calls", 0)
         for key in ("fast_calls", "fallback_calls"):
             for k, v in r[key].items():
                 out[key][k] = out[key].get(k, 0) + v
@@ -288,6 +308,19 @@ class _StepStruct(ctypes.Structure):
         ("tokens", ctypes.c_int64),
         ("min_work", ctypes.c_int64),
         ("threads", ctypes.c_int64),
+    ]
+
+
+class GemmLora(ctypes.Structure):
+    """es_gemm_lora in kernels/member_gemm.c: the member term the fused GEMM's epilogue adds."""
+
+    _fields_ = [
+        ("n_slices", ctypes.c_int64),
+        ("rank", ctypes.c_int64),
+        ("widths", ctypes.c_void_p),
+        ("bt", ctypes.c_void_p),
+        ("u_slot", ctypes.c_void_p),
+        ("h", ctypes.c_void_p),
     ]
 
 
@@ -389,6 +422,11 @@ class LayerPlan:
         self.bt, self.bt_rank, self.bt_ptrs = None, None, None  # B transposed for the kernel, cut to bt_rank
         self.paired = False
         self.paired_for = (None, None)  # the claim and versions `paired` was decided for
+        # (output data pointer, rows) of the GEMM output whose member term the fused GEMM added
+        # (member_gemm.py); the layer's LoRA call then has nothing left to add.
+        self.fused: tuple[int, int] | None = None
+        self.gemm_struct = None  # GemmLora for this layer, built on its first fused call
+        self.fusable = all(w % 16 == 0 for w in self.widths)  # the epilogue works in 16-column tiles
         self.reason = self._check()
         if self.reason is None:
             a0 = a_stacked[0]
@@ -517,6 +555,16 @@ def _run(plan: LayerPlan, y, x, slots, scale, threads, stats) -> str | None:
     return None
 
 
+def _decide_paired(plan: LayerPlan, groups: StepGroups) -> None:
+    """Whether the layer reads each claimed pair's rows once, decided again only when the claim or the
+    layer's contents changed (refresh replaces `versions`)."""
+    claim, decided = groups.claim, plan.paired_for
+    if claim is not decided[0] or plan.versions is not decided[1]:
+        plan.paired = claim is not None and claim.versions.get(id(plan.a)) == plan.versions
+        plan.paired_for = (claim, plan.versions)
+        plan.struct.paired = int(plan.paired)
+
+
 def _run_grouped(plan: LayerPlan, y, x, groups: StepGroups, scale, threads, stats) -> str | None:
     """`_run` for an engine step whose tokens were grouped once (StepGroups): the per-layer hot path.
 
@@ -541,12 +589,7 @@ def _run_grouped(plan: LayerPlan, y, x, groups: StepGroups, scale, threads, stat
     if plan.rank == 0:  # every slot is empty: nothing to add
         stats.add_fast(plan.name)
         return None
-    claim, decided = groups.claim, plan.paired_for
-    # Decided again only when the claim or the layer's contents changed (refresh replaces `versions`).
-    if claim is not decided[0] or plan.versions is not decided[1]:
-        plan.paired = claim is not None and claim.versions.get(id(plan.a)) == plan.versions
-        plan.paired_for = (claim, plan.versions)
-        plan.struct.paired = int(plan.paired)
+    _decide_paired(plan, groups)
     start = time.perf_counter()
     rc = _library.es_member_lora_step(
         plan.struct_ptr, groups.struct_ptr, x.data_ptr(), y.data_ptr(), y.stride(0), scale
@@ -559,6 +602,56 @@ def _run_grouped(plan: LayerPlan, y, x, groups: StepGroups, scale, threads, stat
     if rc > stats.team:
         stats.team = rc
     return None
+
+
+def fused_term(punica, lora_a_stacked, lora_b_stacked, output_slices, x) -> tuple[int, LayerPlan] | None:
+    """The member term of a layer call for the fused GEMM's epilogue (member_gemm.py), h computed.
+
+    Returns (address of the layer's es_gemm_lora, its plan), or None when the call carries no member
+    (pure inference) or the epilogue cannot add its term; then the layer's LoRA call adds it after the
+    GEMM, as on every other CPU. Called by the GEMM before vLLM calls add_lora_linear for the layer.
+    """
+    if not getattr(punica, "_es_kernel", False) or not getattr(punica, "_es_any", False):
+        return None
+    groups = punica._es_groups
+    if groups.slots is not punica._es_slots or groups.n_units < 0 or x.shape[0] != groups.tokens:
+        return None
+    plans = punica._es_plans
+    plan = plans.get(id(lora_a_stacked))
+    if plan is None or plan.a is not lora_a_stacked or plan.b is not lora_b_stacked:
+        plan = plans[id(lora_a_stacked)] = LayerPlan(lora_a_stacked, lora_b_stacked, output_slices)
+    if plan.reason is not None or plan.dtype is not torch.bfloat16 or x.dtype is not torch.bfloat16:
+        return None
+    if x.shape[1] != plan.width_in or not x.is_contiguous() or groups.bound > plan.n_slots:
+        return None
+    stats = punica._es_stats
+    versions = tuple(map(_version, plan.watch))
+    if versions != plan.versions:
+        stats.plan_seconds += plan.refresh(_library, usable_threads(stats.threads), versions)
+    rank = plan.rank
+    if rank == 0 or rank > FUSED_MAX_RANK or not plan.fusable:
+        return None
+    _decide_paired(plan, groups)
+    need = groups.tokens * plan.n * rank
+    h, u = punica._es_scratch
+    if h.numel() < need or u.numel() < groups.tokens:
+        h = torch.empty(max(need, h.numel()), dtype=torch.float32)
+        u = torch.empty(max(groups.tokens, u.numel()), dtype=torch.int64)
+        punica._es_scratch = (h, u)
+    start = time.perf_counter()
+    rc = _library.es_member_shrink_step(
+        plan.struct_ptr, groups.struct_ptr, x.data_ptr(), 1.0, h.data_ptr(), u.data_ptr()
+    )
+    stats.seconds += time.perf_counter() - start
+    if rc < 1:
+        return None
+    if rc > stats.team:
+        stats.team = rc
+    st = plan.gemm_struct
+    if st is None:
+        st = plan.gemm_struct = GemmLora(plan.n, 0, ctypes.addressof(plan.c_widths), None, None, None)
+    st.rank, st.bt, st.u_slot, st.h = rank, ctypes.addressof(plan.bt_ptrs), u.data_ptr(), h.data_ptr()
+    return ctypes.addressof(st), plan
 
 
 def member_lora(
@@ -618,7 +711,8 @@ def install(punica) -> bool:
         "add_lora_embedding": original_embedding,
     }
     stats = punica._es_stats = getattr(punica, "_es_stats", None) or KernelStats()
-    plans: dict[int, LayerPlan] = {}
+    plans: dict[int, LayerPlan] = punica.__dict__.setdefault("_es_plans", {})
+    punica._es_scratch = (torch.empty(0, dtype=torch.float32), torch.empty(0, dtype=torch.int64))
 
     groups = punica._es_groups = StepGroups()
 
@@ -646,6 +740,14 @@ def install(punica) -> bool:
         if plan is None or plan.a is not lora_a_stacked or plan.b is not lora_b_stacked:
             plan = plans[id(lora_a_stacked)] = LayerPlan(lora_a_stacked, lora_b_stacked, output_slices)
         y2 = y if y.dim() == 2 else y.view(-1, y.shape[-1])
+        fused, plan.fused = plan.fused, None
+        if fused is not None and fused == (y2.data_ptr(), y2.shape[0]):
+            if scale != 1.0:  # vLLM folds LoRA scaling into B and passes 1.0; the epilogue assumed it
+                raise RuntimeError(f"LoRA scale {scale} on a layer whose term the fused GEMM added at scale 1")
+            stats.add_fast(plan.name)
+            stats.fused += 1
+            stats.paired += plan.paired
+            return None
         if groups.slots is slots:
             reason = _run_grouped(plan, y2, x2, groups, scale, stats.threads, stats)
         else:

@@ -191,8 +191,9 @@ class ESWorkerExtension:
     def es_setup(self, modules: list[str], kernel: str = "es") -> list[tuple[str, int, int, int]]:
         """Reads the trained matrices' masters and routes `es://` adapters to the seed loader.
 
-        kernel="es" swaps in the member kernel (member_kernel.py) for the LoRA term on CPU;
-        "vllm" keeps vLLM's own ops (the baseline the benchmark compares against).
+        kernel="es" swaps in the member kernel (member_kernel.py) for the LoRA term on CPU, and on CPUs
+        with AMX, if asked for (ES_SERVE_FUSED_GEMM=1), the fused GEMM (member_gemm.py) for the trained
+        layers in bfloat16; "vllm" keeps vLLM's own ops (the baseline the benchmark compares against).
         """
         model_dir = Path(self.model_runner.model_config.model)
         layers = read_safetensors(model_dir, lambda n: ".layers." in n)
@@ -241,12 +242,40 @@ class ESWorkerExtension:
             elif isinstance(module, BaseLinearLayerWithLoRA):
                 _queue_slot_writes(module)
         self._es_kernel = False
+        from .member_gemm import restore
+
+        restore(getattr(self, "_es_gemm", []))  # a second setup starts from vLLM's GEMM again
+        self._es_gemm = []
         if kernel == "es":
             from .member_kernel import install
 
             wrappers = manager._adapter_manager.punica_wrapper_mapping.values()
             self._es_kernel = all([install(w) for w in wrappers])
+            if self._es_kernel:
+                self._es_install_gemm()
         return [(t.param, t.layer, t.out_features, t.in_features) for t in targets]
+
+    def _es_install_gemm(self) -> None:
+        """The fused AMX GEMM on the trained layers where it runs (member_gemm.py); none elsewhere.
+
+        Needs the direct weight push: the GEMM packs the weights each merge gives the layer.
+        """
+        from . import member_gemm
+
+        if not (member_gemm.enabled() and member_gemm.supported()) or self.es_weight_push() != "direct":
+            return
+        by_base = {
+            id(m.base_layer): m
+            for m in self.model_runner.lora_manager._adapter_manager.modules.values()
+            if hasattr(m, "base_layer") and hasattr(m, "lora_a_stacked")
+        }
+        layers = []
+        for layer, shards in self._es_direct:
+            lora_layer = by_base.get(id(layer))
+            if lora_layer is None:
+                return  # a trained layer vLLM serves without LoRA: leave every layer on vLLM's GEMM
+            layers.append((layer, lora_layer, self._es_layer_weight(layer, shards)))
+        self._es_gemm = member_gemm.install(layers)
 
     def _es_apply_adapters(self, requests) -> None:
         """vLLM's per-engine-step adapter activation, skipped when every requested adapter is in a slot.
@@ -514,18 +543,31 @@ class ESWorkerExtension:
 
     def es_kernel_report(self) -> dict:
         """Kernel and fallback call counts (with reasons), threads, and what the kernel build can do."""
+        from . import member_gemm
         from .member_kernel import report
 
-        return report(self.model_runner.lora_manager._adapter_manager.punica_wrapper_mapping.values())
+        out = report(self.model_runner.lora_manager._adapter_manager.punica_wrapper_mapping.values())
+        out.update(member_gemm.report(getattr(self, "_es_gemm", [])))
+        return out
 
     def es_use_kernel(self, kernel: str) -> str:
-        """Switches this engine between the member kernel ("es") and vLLM's own LoRA ops ("vllm")."""
+        """Switches this engine between the member kernel ("es") and vLLM's own LoRA ops ("vllm").
+
+        "es" also puts the fused AMX GEMM back on the trained layers where it was installed, "vllm"
+        gives them vLLM's GEMM: the benchmark's stock baseline is vLLM as it ships.
+        """
+        from . import member_gemm
         from .member_kernel import install, uninstall
 
         wrappers = self.model_runner.lora_manager._adapter_manager.punica_wrapper_mapping.values()
         if kernel == "es":
             self._es_kernel = all([install(w) for w in wrappers])
+            if self._es_kernel and getattr(self, "_es_gemm", []):
+                member_gemm.reinstate(self._es_gemm)
+            elif self._es_kernel:
+                self._es_install_gemm()  # an engine started on vLLM's ops gets it here
         elif kernel == "vllm":
+            member_gemm.restore(getattr(self, "_es_gemm", []))
             for w in wrappers:
                 uninstall(w)
             self._es_kernel = False
@@ -550,7 +592,9 @@ class ESWorkerExtension:
                 for t in [stacked] if isinstance(stacked, torch.Tensor) else stacked or ():
                     slots += t.numel() * t.element_size()
         optim = self._es_optim.nbytes() if self._es_optim is not None else 0
+        packed = sum(f.packed.numel() * f.packed.element_size() for f in getattr(self, "_es_gemm", []))
         return {
+            "gemm_packed_bytes": packed,
             "member_cache_bytes": cache,
             "members_cached": len(self._es_cache),
             "lora_slot_bytes": slots,
@@ -581,17 +625,28 @@ class ESWorkerExtension:
         # dtype, then its GEMM kernel rebuilt), without the layerwise machinery around it: meta
         # tensors, per-shard loaders and a copy back per layer. LoRA slots do not depend on the base
         # weights, so resident members stay (vLLM's reload drops them all).
+        from .member_gemm import repack
+
+        fused = {id(f.base): f for f in getattr(self, "_es_gemm", [])}
+        active = self._es_kernel
         for layer, shards in self._es_direct:
-            parts = [self._es_master[name] for name in shards]
-            # Shards converted straight into one tensor of the model dtype (no float32 concatenation
-            # first); a copy even in float32, as the masters keep changing in place.
-            weight = torch.empty(layer.output_size_per_partition, parts[0].shape[1], dtype=layer.params_dtype)
-            row = 0
-            for part in parts:
-                weight[row : row + part.shape[0]].copy_(part)
-                row += part.shape[0]
+            weight = self._es_layer_weight(layer, shards)
             layer.weight = torch.nn.Parameter(weight, requires_grad=False)
             dispatch_cpu_unquantized_gemm(layer, remove_weight=True)
+            if id(layer) in fused:
+                repack(fused[id(layer)], weight, active)
+
+    def _es_layer_weight(self, layer, shards) -> torch.Tensor:
+        """A layer's weights in the model dtype, built from its shards' masters."""
+        parts = [self._es_master[name] for name in shards]
+        # Shards converted straight into one tensor of the model dtype (no float32 concatenation
+        # first); a copy even in float32, as the masters keep changing in place.
+        weight = torch.empty(layer.output_size_per_partition, parts[0].shape[1], dtype=layer.params_dtype)
+        row = 0
+        for part in parts:
+            weight[row : row + part.shape[0]].copy_(part)
+            row += part.shape[0]
+        return weight
 
     def _es_direct_plan(self) -> list | None:
         """(vLLM linear layer, its checkpoint shards in row order) for every touched layer, or None.

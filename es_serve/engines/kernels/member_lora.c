@@ -728,6 +728,81 @@ int es_member_lora_step(const es_layer *layer, const es_step *step, const void *
                                 y_stride, 0, scale, threads);
 }
 
+/* The first half of the member term for the fused GEMM (member_gemm.c), which adds the second half
+ * to its float32 accumulators before its one rounding: per token and slice, h = scale A_s x (the
+ * minus member of a claimed pair negated, as es_member_lora_units does), and the slot whose rows of
+ * B^T the GEMM's epilogue reads (the pair's canonical slot where the layer is paired). Tokens without
+ * a member get u_slot -1. h is (tokens, n_slices, rank). bfloat16 only: the fused GEMM is AMX's, and
+ * every CPU with AMX has native bf16 dot products. Returns the threads that ran, or -1 (nothing written). */
+int es_member_shrink_step(const es_layer *layer, const es_step *step, const void *x, float scale, float *h,
+                          int64_t *u_slot) {
+    const int64_t in = layer->in, a_rows = layer->a_rows, n_slices = layer->n_slices, rank = layer->rank;
+    if (layer->dtype != ES_BF16 || rank < 1 || rank > ES_MAX_RANK || rank > a_rows) return -1;
+    const int64_t *slots = step->slots, *canon = step->canon, *order = step->order, *units = step->units;
+    const int64_t n_units = step->n_units, paired = canon && layer->paired;
+    for (int64_t t = 0; t < step->tokens; ++t) u_slot[t] = -1;
+    int threads = step->tokens * rank * in * n_slices < step->min_work ? 1 : (int)step->threads;
+    if (threads < 1) threads = 1;
+    int team = 1;
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
+    for (int64_t u = 0; u < n_units; ++u) {
+#ifdef _OPENMP
+        if (u == 0) team = omp_get_num_threads();
+#endif
+        const int64_t first = units[2 * u], count = units[2 * u + 1] - first;
+        const int64_t *tok = order + first;
+        const int64_t c = canon ? canon[slots[tok[0]]] : slots[tok[0]];
+        if (u + 1 < n_units) { /* the next unit's rows of A, as es_member_lora_units does */
+            const int64_t s1 = slots[order[units[2 * u + 2]]], next = canon ? canon[s1] : s1;
+            if (next != c)
+                for (int64_t k = 0; k < n_slices; ++k)
+                    prefetch_rows((const char *)layer->a[k] + next * a_rows * in * 2, rank * in * 2);
+        }
+        /* Runs of tokens that read one slot's A: the whole unit where the layer is paired. */
+        for (int64_t i = 0; i < count;) {
+            const int64_t s = paired ? c : slots[tok[i]];
+            int64_t j = i + 1;
+            while (j < count && (paired || slots[tok[j]] == s)) ++j;
+            const uint16_t *xr[ES_GROUP];
+            for (int64_t q = i; q < j; ++q) {
+                xr[q - i] = (const uint16_t *)x + tok[q] * in;
+                u_slot[tok[q]] = s;
+            }
+            for (int64_t k = 0; k < n_slices; ++k) {
+                const uint16_t *as = (const uint16_t *)layer->a[k] + s * a_rows * in;
+#ifdef ES_BLOCKED
+                if (rank <= ES_BLOCKED_RANK) {
+                    float hb[ES_GROUP * ES_BLOCKED_RANK];
+                    for (int64_t r0 = 0; r0 < rank; r0 += 4) {
+                        const int64_t rc = rank - r0 < 4 ? rank - r0 : 4;
+                        if (rc == 1) shrink_bf16_1(xr, j - i, as + r0 * in, in, scale, hb + r0);
+                        else if (rc == 2) shrink_bf16_2(xr, j - i, as + r0 * in, in, scale, hb + r0);
+                        else if (rc == 3) shrink_bf16_3(xr, j - i, as + r0 * in, in, scale, hb + r0);
+                        else shrink_bf16_4(xr, j - i, as + r0 * in, in, scale, hb + r0);
+                    }
+                    for (int64_t q = i; q < j; ++q) {
+                        float *ht = h + (tok[q] * n_slices + k) * rank;
+                        const int neg = paired && slots[tok[q]] != c;
+                        for (int64_t r = 0; r < rank; ++r) ht[r] = neg ? -hb[(q - i) * ES_BLOCKED_RANK + r] : hb[(q - i) * ES_BLOCKED_RANK + r];
+                    }
+                    continue;
+                }
+#endif
+                for (int64_t q = i; q < j; ++q) {
+                    float *ht = h + (tok[q] * n_slices + k) * rank;
+                    const int neg = paired && slots[tok[q]] != c;
+                    for (int64_t r = 0; r < rank; ++r) {
+                        const float v = dot_bf16(xr[q - i], as + r * in, in) * scale;
+                        ht[r] = neg ? -v : v;
+                    }
+                }
+            }
+            i = j;
+        }
+    }
+    return team;
+}
+
 /* Grouping and layer in one call, for callers without a per-step plan (tests, one-off calls). */
 int es_member_lora(int dtype, const void *x, int64_t tokens, int64_t in, const void *const *a, int64_t a_rows,
                    int64_t n_slots, const void *const *bt, const int64_t *widths, int64_t n_slices, int64_t rank,
@@ -845,3 +920,7 @@ void es_write_slots(void *stacked, int64_t slot_rows, int64_t slot_cols, const i
         memset(dst + rows * slot_cols * elem, 0, (size_t)((slot_rows - rows) * slot_cols * elem));
     }
 }
+
+/* The trained layers' own GEMM with the member term in its epilogue (AMX only): one library, so it
+ * shares the OpenMP team and the cache key, and reads the shrink's h from es_member_shrink_step. */
+#include "member_gemm.c"

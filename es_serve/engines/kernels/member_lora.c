@@ -666,6 +666,23 @@ typedef struct {
     int64_t threads;
 } es_step;
 
+/* The rows the unit after u reads, when they are another slot's than unit u's (canonical slot c): A's, and
+ * with `with_bt` B^T's. Units run in order on each thread, so these arrive while unit u computes. */
+static inline void prefetch_next_unit(const es_layer *layer, const int64_t *slots, const int64_t *canon,
+                                      const int64_t *order, const int64_t *units, int64_t n_units, int64_t u,
+                                      int64_t c, int with_bt) {
+    if (u + 1 >= n_units) return;
+    const int64_t s1 = slots[order[units[2 * u + 2]]], next = canon ? canon[s1] : s1;
+    if (next == c) return;
+    const int64_t elem = layer->dtype == ES_F32 ? 4 : 2, in = layer->in, rank = layer->rank;
+    for (int64_t k = 0; k < layer->n_slices; ++k) {
+        prefetch_rows((const char *)layer->a[k] + next * layer->a_rows * in * elem, rank * in * elem);
+        if (with_bt)
+            prefetch_rows((const char *)layer->bt[k] + next * rank * layer->widths[k] * elem,
+                          rank * layer->widths[k] * elem);
+    }
+}
+
 /* All slices of one layer for the grouped tokens (es_member_group), the units split over `threads`.
  * A_k is (n_slots, a_rows, in) of which the first `rank` rows are used (vLLM pads every slot to its
  * max rank); B_k is given transposed, (n_slots, rank, width_k). `canon` is the grouping's (or NULL):
@@ -681,7 +698,6 @@ int es_member_lora_units(const es_layer *layer, const int64_t *slots, const int6
     const void *const *bt = layer->bt;
     const int64_t *widths = layer->widths;
     if (rank < 1 || rank > ES_MAX_RANK || rank > a_rows || dtype < ES_F32 || dtype > ES_F16) return -1;
-    const int64_t elem = dtype == ES_F32 ? 4 : 2;
     if (threads < 1) threads = 1;
     int team = 1;
 #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
@@ -692,14 +708,7 @@ int es_member_lora_units(const es_layer *layer, const int64_t *slots, const int6
         const int64_t first = units[2 * u], s0 = slots[order[first]];
         const int64_t *tok = order + first, count = units[2 * u + 1] - first;
         const int64_t c = canon ? canon[s0] : s0;
-        if (u + 1 < n_units) {
-            const int64_t s1 = slots[order[units[2 * u + 2]]], next = canon ? canon[s1] : s1;
-            if (next != c)
-                for (int64_t k = 0; k < n_slices; ++k) {
-                    prefetch_rows((const char *)a[k] + next * a_rows * in * elem, rank * in * elem);
-                    prefetch_rows((const char *)bt[k] + next * rank * widths[k] * elem, rank * widths[k] * elem);
-                }
-        }
+        prefetch_next_unit(layer, slots, canon, order, units, n_units, u, c, 1);
         if (canon && paired) {
             unsigned char neg[ES_GROUP];
             for (int64_t j = 0; j < count; ++j) neg[j] = slots[tok[j]] != c;
@@ -752,12 +761,7 @@ int es_member_shrink_step(const es_layer *layer, const es_step *step, const void
         const int64_t first = units[2 * u], count = units[2 * u + 1] - first;
         const int64_t *tok = order + first;
         const int64_t c = canon ? canon[slots[tok[0]]] : slots[tok[0]];
-        if (u + 1 < n_units) { /* the next unit's rows of A, as es_member_lora_units does */
-            const int64_t s1 = slots[order[units[2 * u + 2]]], next = canon ? canon[s1] : s1;
-            if (next != c)
-                for (int64_t k = 0; k < n_slices; ++k)
-                    prefetch_rows((const char *)layer->a[k] + next * a_rows * in * 2, rank * in * 2);
-        }
+        prefetch_next_unit(layer, slots, canon, order, units, n_units, u, c, 0); /* A only: the GEMM reads B^T */
         /* Runs of tokens that read one slot's A: the whole unit where the layer is paired. */
         for (int64_t i = 0; i < count;) {
             const int64_t s = paired ? c : slots[tok[i]];

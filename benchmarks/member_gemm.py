@@ -15,6 +15,13 @@ Members come in antithetic pairs (the engine's pair claim), at rank 1 and 4. Rou
 once in a shuffled order; medians with min-max, and each method's ratio to `vllm`.
 
     python -m benchmarks.member_gemm --json benchmarks/results/member_gemm_xeon.json
+
+With --engine, the same comparison in a whole engine instead (SmolLM2-135M, N members x P = 4 prompts,
+64 tokens, bfloat16): one engine started with the fused GEMM, whose trained layers are switched between it
+and vLLM's GEMM while the member kernel stays installed, pure inference and member generation timed on
+each, interleaved, `--repeats` times:
+
+    python -m benchmarks.member_gemm --engine --population 32 --rank 1 --json benchmarks/results/member_gemm_engine_xeon.json
 """
 
 from __future__ import annotations
@@ -129,6 +136,80 @@ def measure(tokens: int, rank: int, layers: int, rounds: int) -> dict:
     }
 
 
+def _switch_gemm(worker, fused: bool) -> str:
+    """In the engine's worker: the trained layers on the fused GEMM or on vLLM's (member kernel unchanged)."""
+    from es_serve.engines import member_gemm
+
+    (member_gemm.reinstate if fused else member_gemm.restore)(worker._es_gemm)
+    return member_gemm.report(worker._es_gemm)["gemm"]
+
+
+def measure_engine(population: int, rank: int, repeats: int, memory_fraction: float) -> dict:
+    import os
+
+    os.environ["ES_SERVE_FUSED_GEMM"] = "1"  # the engine's worker reads it when it sets up
+    from transformers import AutoTokenizer
+
+    from adapters import Population
+    from es_serve.engines.vllm_engine import VLLMEngine
+    from es_serve.models import resolve_model
+    from es_serve.types import Generation, Sampling
+    from rewards import get_task
+
+    model_dir = resolve_model("smollm2-135m")
+    pop = Population(population, rank, 1e-3)
+    engine = VLLMEngine(model_dir, pop, 4, 64, dtype="bfloat16", memory_fraction=memory_fraction)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    # The arithmetic task's plain prompts as the trainer sends them to a chat model: one user turn.
+    prompts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": row["prompt"]}] if isinstance(row["prompt"], str) else row["prompt"],
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+        for row in get_task("arithmetic").sample(4, 0)
+    ]
+    sampling, short = Sampling(max_tokens=64, ignore_eos=True), Sampling(max_tokens=4, ignore_eos=True)
+
+    def pure() -> float:
+        start = time.perf_counter()
+        out = engine.generate(prompts * population, sampling)
+        return sum(len(c.token_ids) for c in out) / (time.perf_counter() - start)
+
+    def members(epoch: int) -> float:
+        result = engine.generate_population(Generation(pop, 7, epoch), prompts, sampling)
+        return result.tokens / result.seconds
+
+    gemms = {}
+    for fused in (True, False):  # warm-up on both: oneDNN builds its kernels per shape on first use
+        gemms[fused] = engine.llm.collective_rpc(_switch_gemm, args=(fused,))[0]
+        engine.generate(prompts * population, short)
+        engine.generate_population(Generation(pop, 7, 10**6), prompts, short)
+    if gemms[True] != "es-amx-bf16":
+        raise RuntimeError(f"the engine did not install the fused GEMM ({gemms[True]})")
+    runs = {k: [] for k in ("pure_fused", "members_fused", "pure_vllm", "members_vllm")}
+    for r in range(repeats):
+        for fused in (True, False):
+            name = "fused" if fused else "vllm"
+            engine.llm.collective_rpc(_switch_gemm, args=(fused,))
+            runs[f"pure_{name}"].append(pure())
+            runs[f"members_{name}"].append(members(2 * r + fused))
+    report = engine.kernel_report()
+    engine.close()
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    return {
+        "population": population,
+        "rank": rank,
+        "prompts": 4,
+        "max_tokens": 64,
+        "repeats": repeats,
+        "tok_s": {k: {"median": med[k], "runs": v} for k, v in runs.items()},
+        "ratio_generation": {g: med[f"members_{g}"] / med[f"pure_{g}"] for g in ("fused", "vllm")},
+        "fused_over_vllm": {k: med[f"{k}_fused"] / med[f"{k}_vllm"] for k in ("pure", "members")},
+        "kernel_report": {k: report[k] for k in ("kernel", "fused_calls", "gemm_calls_stock", "fallback_calls")},
+    }
+
+
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -153,6 +234,24 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def plot_engine(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    keys = ("pure_vllm", "members_vllm", "pure_fused", "members_fused")
+    for i, key in enumerate(keys):
+        ax.bar([j + i * 0.2 for j in range(len(rows))], [r["tok_s"][key]["median"] for r in rows], 0.2, label=key)
+    ax.set_xticks([j + 0.3 for j in range(len(rows))], [f"N={r['population']} r={r['rank']}" for r in rows])
+    ax.set_ylabel("tok/s (median)")
+    ax.set_title("One engine, bfloat16: vLLM's GEMM vs the fused GEMM, interleaved")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tokens", type=int, nargs="+", default=[128, 512])
@@ -161,6 +260,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", type=Path, default=Path("benchmarks/results/member_gemm.json"))
+    p.add_argument("--engine", action="store_true", help="compare the two GEMMs in a whole engine instead")
+    p.add_argument("--population", type=int, nargs="+", default=[32], help="--engine: members N")
+    p.add_argument("--repeats", type=int, default=3, help="--engine: interleaved repeats")
+    p.add_argument("--memory-fraction", type=float, default=0.15, help="--engine: of the machine's memory")
     args = p.parse_args(argv)
     from es_serve.engines import member_gemm
 
@@ -171,7 +274,15 @@ def main(argv: list[str] | None = None) -> int:
         print("the fused GEMM needs a CPU with AMX bf16: nothing to measure", file=sys.stderr)
         return 2
     rows = []
-    for tokens in args.tokens:
+    if args.engine:
+        for population in args.population:
+            for rank in args.rank:
+                row = measure_engine(population, rank, args.repeats, args.memory_fraction)
+                rows.append(row)
+                tok = {k: round(v["median"]) for k, v in row["tok_s"].items()}
+                print(f"N={population} r={rank}: tok/s {tok}  ratio generation: fused "
+                      f"{row['ratio_generation']['fused']:.3f}, vLLM's GEMM {row['ratio_generation']['vllm']:.3f}", flush=True)  # fmt: skip
+    for tokens in [] if args.engine else args.tokens:
         for rank in args.rank:
             row = measure(tokens, rank, args.layers, args.rounds)
             rows.append(row)
@@ -187,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(out, indent=2))
-    plot(rows, args.json.with_suffix(".png"))
+    (plot_engine if args.engine else plot)(rows, args.json.with_suffix(".png"))
     return 0
 
 

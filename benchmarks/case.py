@@ -61,6 +61,16 @@ def flag_broken(method: list[float], pure: list[float]) -> str | None:
     return None
 
 
+def pure_baseline(method: str, gemm: str, pure: list[float], pure_stock: list[float]) -> list[float]:
+    """The pure-inference runs a method's ratio is taken against: those on the same GEMM.
+
+    The PEFT files run on vLLM's GEMM and LoRA ops (use_kernel("vllm")); where the engine's trained
+    layers run on the fused GEMM (`gemm` != "vllm", member_gemm.py), they are measured against pure
+    inference on that stock path (`pure_stock`), every other method against the engine's own (`pure`).
+    """
+    return pure_stock if method == "peft_files_step" and gemm != "vllm" else pure
+
+
 def lora_share(pure_tok_s: float, generation_tok_s: float) -> float:
     """The fraction of member-generation time spent on top of pure inference for the same tokens.
 
@@ -237,11 +247,8 @@ def run_case(spec: dict) -> dict:
     targets = engine.targets
     per_member = rank * sum(t.out_features + t.in_features for t in targets)
     methods = {"generation": b, "step": c, "peft_files_step": d_step, "naive_full_rank": naive}
-    # Each method against pure inference on the same GEMM. The PEFT files run on vLLM's GEMM
-    # (use_kernel("vllm")); where the engine's own runs on the fused GEMM (member_gemm.py), the PEFT
-    # files are measured against pure inference on vLLM's GEMM and LoRA ops instead.
-    fused = kernel_report.get("gemm", "vllm") != "vllm"
-    pure_of = {name: a_stock if name == "peft_files_step" and fused else a for name in methods}
+    gemm = kernel_report.get("gemm", "vllm")
+    pure_of = {name: pure_baseline(name, gemm, a, a_stock) for name in methods}
     broken = {name: why for name, runs in methods.items() if (why := flag_broken(runs, pure_of[name]))}
 
     def ratio(name):

@@ -33,6 +33,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -72,8 +73,8 @@ def build(tokens: int, rank: int, layers: int, seed: int = 0):
                 ak[1::2].copy_(ak[0::2])
                 bk[1::2].copy_(-bk[0::2])
             stacked.append((a, b))
-            lora = type("LoraLayer", (), {})()
-            lora.punica_wrapper, lora.lora_a_stacked, lora.lora_b_stacked, lora.output_slices = punica, a, b, widths
+            # What the fused GEMM reads of vLLM's LoRA layer.
+            lora = SimpleNamespace(punica_wrapper=punica, lora_a_stacked=a, lora_b_stacked=b, output_slices=widths)
             calls.append((name, linear, lora, widths))
     fused = member_gemm.install([(linear, lora, linear.weight) for _, linear, lora, _ in calls])
     stock = {id(f.base): f.stock for f in fused}

@@ -89,6 +89,17 @@ def test_a_baseline_faster_than_pure_inference_is_flagged_not_reported():
     assert "range from 40 to 337 tok/s" in why
 
 
+def test_peft_files_are_measured_against_pure_inference_on_their_own_gemm():
+    from benchmarks.case import pure_baseline
+
+    pure, stock = [1200.0, 1210.0], [765.0, 770.0]  # the fused GEMM's pure runs, vLLM's GEMM and LoRA ops'
+    # The PEFT files always run on vLLM's GEMM: against its pure runs once the engine's own GEMM differs.
+    assert pure_baseline("peft_files_step", "es-amx-bf16", pure, stock) is stock
+    assert pure_baseline("peft_files_step", "vllm", pure, stock) is pure
+    for method in ("generation", "step", "naive_full_rank"):
+        assert pure_baseline(method, "es-amx-bf16", pure, stock) is pure
+
+
 def _bench(tmp_path, *extra):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, "-m", "launch.cli", "bench", "--population", "4", "--prompts", "2", "--max-tokens", "4"]

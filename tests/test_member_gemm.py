@@ -32,6 +32,9 @@ def test_supported_exactly_where_the_cpu_has_amx_and_opt_in(monkeypatch):
     assert not member_gemm.enabled()
     monkeypatch.setenv(member_gemm.ENV, "1")
     assert member_gemm.enabled()
+    monkeypatch.setenv(member_gemm.ENV, "yes")
+    with pytest.raises(ValueError, match="ES_SERVE_FUSED_GEMM must be 1 .* or 0 .*, got 'yes'"):
+        member_gemm.enabled()
 
 
 def members(rank, widths, width_in, n_slots=6, seed=0):
@@ -318,3 +321,19 @@ def test_epilogue_at_every_rank_it_takes(rank):
         == -1
     )
     assert torch.equal(y, before)
+
+
+def test_shrink_and_no_gemm_in_a_build_without_avx512(tmp_path, monkeypatch):
+    # What an AVX2-only CPU compiles, built here so every x86 machine tests it: the shrink on 8-wide
+    # vectors against float64, and the AMX GEMM compiled out (not supported, whatever this CPU has).
+    monkeypatch.setenv("ES_SERVE_CACHE", str(tmp_path))
+    try:
+        path = member_kernel.build(extra=["-mno-avx512f"])
+    except RuntimeError:
+        pytest.skip("this compiler does not take -mno-avx512f (not x86)")
+    lib, info = member_kernel.open_library(path)
+    monkeypatch.setattr(member_kernel, "_library", lib)
+    monkeypatch.setattr(member_kernel, "_info", info)
+    assert not member_gemm.supported()
+    test_shrink_gives_each_tokens_h_and_slot()
+    test_shrink_reads_a_claimed_pair_once_and_negates_the_minus_member()

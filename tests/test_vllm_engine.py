@@ -117,6 +117,55 @@ def test_auto_dtype_members_match_the_float64_reference(tiny_model_dir, fused, m
     assert max(e / m for e, m in zip(errors, moves, strict=True)) < 0.1, (errors, moves)
 
 
+def test_fused_gemm_comes_with_the_switch_to_es_and_serves_merged_weights(tiny_model_dir, monkeypatch):
+    """An engine started on vLLM's ops gets the fused GEMM when switched to "es", and after a merge it
+    computes with the merged weights: pure log-probabilities against the float64 dense model merged the
+    same way, and against vLLM's own GEMM on the same engine."""
+    from es_serve.engines import member_gemm
+    from es_serve.engines.vllm_engine import VLLMEngine
+
+    if not member_gemm.supported():
+        pytest.skip("no AMX bf16 on this CPU: the fused GEMM is not built")
+    monkeypatch.setenv(member_gemm.ENV, "1")
+    pop = Population(size=8, rank=1, sigma=0.3)
+    gen, fitness, lr = Generation(pop, seed=3, epoch=0), [1.0, -1.0, 0.5, -0.5, 0.0, 1.0, -1.0, 0.0], 0.5
+    engine = VLLMEngine(tiny_model_dir, pop, len(PROMPTS), 1, dtype="bfloat16", memory_fraction=0.1, lora_kernel="vllm")
+    try:
+        from vllm import SamplingParams
+
+        params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=20)
+        requests = [{"prompt_token_ids": engine.encode(p)} for p in PROMPTS]
+        started = engine.kernel_report()["gemm"]
+        engine.use_kernel("es")
+        switched = engine.kernel_report()["gemm"]
+        engine.apply_update(gen, fitness, lr)
+        fused = engine.llm.generate(requests, params, use_tqdm=False)
+        report = engine.kernel_report()
+        engine.use_kernel("vllm")
+        stock = engine.llm.generate(requests, params, use_tqdm=False)
+    finally:
+        engine.close()
+    assert (started, switched) == ("vllm", "es-amx-bf16")
+    assert report["gemm_calls_plain"] > 0 and not report["gemm_calls_stock"], report
+    merged, base = DenseEngine(tiny_model_dir, dtype=torch.float64), DenseEngine(tiny_model_dir, dtype=torch.float64)
+    merged.apply_update(gen, fitness, lr)
+    for p, out, ref in zip(PROMPTS, fused, stock, strict=True):
+        ids = merged.encode(p)
+        want = torch.log_softmax(merged.logits(ids)[-1], -1)
+        before = torch.log_softmax(base.logits(ids)[-1], -1)
+        got = out.outputs[0].logprobs[0]
+        tokens = sorted(got)
+        lp = torch.tensor([got[t].logprob for t in tokens], dtype=torch.float64)
+        error = (lp - want[tokens]).abs().max().item()
+        move = (want - before).abs().max().item()
+        # The merge moves log-probabilities far more than bf16 errs: stale weights would fail here.
+        assert move > 0.1 and error < 0.1 * move, (error, move)
+        # vLLM's own GEMM on the same merged engine agrees to the same precision.
+        stock_lp = {t: lp.logprob for t, lp in ref.outputs[0].logprobs[0].items()}
+        common = [t for t in tokens if t in stock_lp]
+        assert max(abs(got[t].logprob - stock_lp[t]) for t in common) < 0.1 * move
+
+
 def _tokens(rows):
     return [[c.token_ids for c in row] for row in rows]
 

@@ -26,12 +26,11 @@ import os
 import torch
 
 from . import member_kernel
-from .member_kernel import GemmLora  # noqa: F401  (the struct lives with the kernel's other C structs)
 
 # Set to 1 to run the trained layers on this GEMM where the CPU has AMX. Off by default: on the 2-core
-# Xeon it was measured on, it ran the trained layers' GEMMs faster (benchmarks/member_gemm.py) without a
-# matching gain in the engine's own grid, which at N = 128, r = 4 generated slower than vLLM's GEMM
-# with the member kernel (README, "The fused GEMM").
+# Xeon it was measured on, it ran the trained layers' GEMMs in about 0.8 of vLLM's time
+# (benchmarks/member_gemm.py), but in a whole engine the gain stayed within the machine's spread between
+# repeats, the ratios moved both ways, and every merge packs the weights once more (README, "The fused GEMM").
 ENV = "ES_SERVE_FUSED_GEMM"
 
 
@@ -60,7 +59,12 @@ def supported() -> bool:
 
 def enabled() -> bool:
     """Whether the engine should install it where supported (ES_SERVE_FUSED_GEMM=1; off by default)."""
-    return os.environ.get(ENV, "0") == "1"
+    value = os.environ.get(ENV, "0").strip()
+    if value not in ("0", "1", ""):
+        raise ValueError(
+            f"{ENV} must be 1 (use the fused GEMM where the CPU has AMX) or 0 (vLLM's GEMM), got {value!r}"
+        )
+    return value == "1"
 
 
 class FusedLinear:

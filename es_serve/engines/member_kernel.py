@@ -555,6 +555,21 @@ def _run(plan: LayerPlan, y, x, slots, scale, threads, stats) -> str | None:
     return None
 
 
+def plan_for(plans: dict, a_stacked, b_stacked, output_slices) -> LayerPlan:
+    """The wrapper's plan for a layer's stacked tensors, made on the layer's first call."""
+    plan = plans.get(id(a_stacked))
+    if plan is None or plan.a is not a_stacked or plan.b is not b_stacked:
+        plan = plans[id(a_stacked)] = LayerPlan(a_stacked, b_stacked, output_slices)
+    return plan
+
+
+def _refresh_if_written(plan: LayerPlan, stats, threads: int) -> None:
+    """Re-reads the layer's plan if vLLM wrote its slots since (the time counted apart from the kernel's)."""
+    versions = tuple(map(_version, plan.watch))
+    if versions != plan.versions:
+        stats.plan_seconds += plan.refresh(_library, usable_threads(threads), versions)
+
+
 def _decide_paired(plan: LayerPlan, groups: StepGroups) -> None:
     """Whether the layer reads each claimed pair's rows once, decided again only when the claim or the
     layer's contents changed (refresh replaces `versions`)."""
@@ -583,9 +598,7 @@ def _run_grouped(plan: LayerPlan, y, x, groups: StepGroups, scale, threads, stat
         return "a slot index past the stacked tensors"
     if not x.is_contiguous():
         x = x.contiguous()
-    versions = tuple(map(_version, plan.watch))
-    if versions != plan.versions:
-        stats.plan_seconds += plan.refresh(_library, usable_threads(threads), versions)
+    _refresh_if_written(plan, stats, threads)
     if plan.rank == 0:  # every slot is empty: nothing to add
         stats.add_fast(plan.name)
         return None
@@ -616,18 +629,13 @@ def fused_term(punica, lora_a_stacked, lora_b_stacked, output_slices, x) -> tupl
     groups = punica._es_groups
     if groups.slots is not punica._es_slots or groups.n_units < 0 or x.shape[0] != groups.tokens:
         return None
-    plans = punica._es_plans
-    plan = plans.get(id(lora_a_stacked))
-    if plan is None or plan.a is not lora_a_stacked or plan.b is not lora_b_stacked:
-        plan = plans[id(lora_a_stacked)] = LayerPlan(lora_a_stacked, lora_b_stacked, output_slices)
+    plan = plan_for(punica._es_plans, lora_a_stacked, lora_b_stacked, output_slices)
     if plan.reason is not None or plan.dtype is not torch.bfloat16 or x.dtype is not torch.bfloat16:
         return None
     if x.shape[1] != plan.width_in or not x.is_contiguous() or groups.bound > plan.n_slots:
         return None
     stats = punica._es_stats
-    versions = tuple(map(_version, plan.watch))
-    if versions != plan.versions:
-        stats.plan_seconds += plan.refresh(_library, usable_threads(stats.threads), versions)
+    _refresh_if_written(plan, stats, stats.threads)
     rank = plan.rank
     if rank == 0 or rank > FUSED_MAX_RANK or not plan.fusable:
         return None
@@ -736,9 +744,7 @@ def install(punica) -> bool:
             return original_linear(y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, **kwargs)
         if not punica._es_any:
             return None
-        plan = plans.get(id(lora_a_stacked))
-        if plan is None or plan.a is not lora_a_stacked or plan.b is not lora_b_stacked:
-            plan = plans[id(lora_a_stacked)] = LayerPlan(lora_a_stacked, lora_b_stacked, output_slices)
+        plan = plan_for(plans, lora_a_stacked, lora_b_stacked, output_slices)
         y2 = y if y.dim() == 2 else y.view(-1, y.shape[-1])
         fused, plan.fused = plan.fused, None
         if fused is not None and fused == (y2.data_ptr(), y2.shape[0]):

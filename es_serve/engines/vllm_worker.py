@@ -576,7 +576,8 @@ class ESWorkerExtension:
         return self.es_kernel()
 
     def es_memory(self) -> dict:
-        """Bytes held for members: the seed-built factors cached for this epoch, and vLLM's slots."""
+        """Bytes held for members (the seed-built factors cached for this epoch, vLLM's slots), the optimizer's
+        state, and the fused GEMM's packed copy of the trained weights (0 when it is not installed)."""
         # Members share storage (a pair's A side is one tensor), so count each storage once.
         storages = {
             t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
@@ -592,7 +593,9 @@ class ESWorkerExtension:
                 for t in [stacked] if isinstance(stacked, torch.Tensor) else stacked or ():
                     slots += t.numel() * t.element_size()
         optim = self._es_optim.nbytes() if self._es_optim is not None else 0
-        packed = sum(f.packed.numel() * f.packed.element_size() for f in getattr(self, "_es_gemm", []))
+        from .member_gemm import report
+
+        packed = report(getattr(self, "_es_gemm", []))["gemm_packed_bytes"]
         return {
             "gemm_packed_bytes": packed,
             "member_cache_bytes": cache,

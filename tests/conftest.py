@@ -78,3 +78,20 @@ def module_servers(tmp_path_factory):
     procs = ServerProcesses(tmp_path_factory.mktemp("server-logs"))
     yield procs
     procs.close()
+
+
+@pytest.fixture
+def avx2_kernel(tmp_path, monkeypatch):
+    """The member kernel library as an AVX2-only CPU compiles it (no AVX-512 at all), built into a fresh
+    cache and put in place of this machine's build for the test; (library, what it can do)."""
+    from es_serve.engines import member_kernel
+
+    monkeypatch.setenv("ES_SERVE_CACHE", str(tmp_path))
+    try:
+        path = member_kernel.build(extra=["-mno-avx512f"])
+    except RuntimeError:
+        pytest.skip("this compiler does not take -mno-avx512f (not x86)")
+    lib, info = member_kernel.open_library(path)
+    monkeypatch.setattr(member_kernel, "_library", lib)
+    monkeypatch.setattr(member_kernel, "_info", info)
+    return lib, info

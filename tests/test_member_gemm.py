@@ -323,17 +323,9 @@ def test_epilogue_at_every_rank_it_takes(rank):
     assert torch.equal(y, before)
 
 
-def test_shrink_and_no_gemm_in_a_build_without_avx512(tmp_path, monkeypatch):
+def test_shrink_and_no_gemm_in_a_build_without_avx512(avx2_kernel):
     # What an AVX2-only CPU compiles, built here so every x86 machine tests it: the shrink on 8-wide
     # vectors against float64, and the AMX GEMM compiled out (not supported, whatever this CPU has).
-    monkeypatch.setenv("ES_SERVE_CACHE", str(tmp_path))
-    try:
-        path = member_kernel.build(extra=["-mno-avx512f"])
-    except RuntimeError:
-        pytest.skip("this compiler does not take -mno-avx512f (not x86)")
-    lib, info = member_kernel.open_library(path)
-    monkeypatch.setattr(member_kernel, "_library", lib)
-    monkeypatch.setattr(member_kernel, "_info", info)
     assert not member_gemm.supported()
     test_shrink_gives_each_tokens_h_and_slot()
     test_shrink_reads_a_claimed_pair_once_and_negates_the_minus_member()

@@ -259,6 +259,48 @@ def test_merge_repacks_the_new_weights():
     assert torch.all((y.double() - want).abs() <= gemm_bound(want, x, new, 0, k))
 
 
+@needs_amx
+def test_merge_packs_only_and_rebuilds_vllms_gemm_when_a_call_needs_it():
+    k, n_out = 64, 64
+    w = (torch.randn(n_out, k) * 0.1).to(torch.bfloat16)
+    punica = PunicaWrapperCPU([-1] * 3)
+    member_kernel.install(punica)
+    punica.update_metadata()
+    base = Base(w)
+    (fused,) = member_gemm.install([(base, LoraLayer(punica, *members(1, (n_out,), k), (n_out,)), w)])
+    x = torch.randn(3, k).to(torch.bfloat16)
+    new = (w.float() + 0.5).to(torch.bfloat16)
+    rebuilt = []
+
+    def rebuild():  # what the worker's rebuild does: vLLM's dispatch on the new weights, which replaces the hook
+        base.weight = new
+        base.cpu_linear = Base(new).cpu_linear
+        rebuilt.append(base.cpu_linear)
+        return base.cpu_linear
+
+    assert member_gemm.pack_only(fused, new, rebuild)
+    assert rebuilt == [] and base.cpu_linear is fused
+    assert member_gemm.report([fused])["gemm_stock_stale"] == 1
+    y = base.cpu_linear(x, None, None)
+    want = x.double() @ new.double().T
+    assert torch.all((y.double() - want).abs() <= gemm_bound(want, x, new, 0, k))
+    assert rebuilt == []  # the fused GEMM's own calls never need vLLM's
+    # A call it refuses gets vLLM's GEMM rebuilt on the merged weights, once; the fused GEMM stays installed.
+    for _ in range(2):
+        stock = base.cpu_linear(x.float(), None, None)
+        assert torch.allclose(stock.double(), x.double() @ new.double().T, atol=1e-5)
+    assert len(rebuilt) == 1 and base.cpu_linear is fused
+    report = member_gemm.report([fused])
+    assert (report["gemm_stock_stale"], report["gemm_stock_rebuilds"]) == (0, 1)
+    # After the next merge, the switch to vLLM's GEMM (the bench's stock baseline) rebuilds it too.
+    assert member_gemm.pack_only(fused, new, rebuild)
+    member_gemm.restore([fused])
+    assert len(rebuilt) == 2 and base.cpu_linear is rebuilt[-1]
+    # Not on the fused GEMM now: pack_only declines, so the caller rebuilds vLLM's GEMM as before.
+    assert not member_gemm.pack_only(fused, new, rebuild)
+    assert member_gemm.report([fused])["gemm_stock_stale"] == 0
+
+
 def test_gemm_struct_matches_the_c_layout():
     # es_gemm_lora: two int64 then four pointers, no padding on any ABI this runs on.
     assert ctypes.sizeof(member_kernel.GemmLora) == 2 * 8 + 4 * ctypes.sizeof(ctypes.c_void_p)

@@ -143,10 +143,16 @@ def test_fused_gemm_comes_with_the_switch_to_es_and_serves_merged_weights(tiny_m
         report = engine.kernel_report()
         engine.use_kernel("vllm")
         stock = engine.llm.generate(requests, params, use_tqdm=False)
+        after = engine.kernel_report()
     finally:
         engine.close()
     assert (started, switched) == ("vllm", "es-amx-bf16")
     assert report["gemm_calls_plain"] > 0 and not report["gemm_calls_stock"], report
+    # The merge packed the fused GEMM's weights only; vLLM's GEMM was rebuilt on the merged weights when
+    # the switch needed it, once per trained layer.
+    layers = report["gemm_layers"]
+    assert layers > 0 and report["gemm_stock_stale"] == layers and report["gemm_stock_rebuilds"] == 0, report
+    assert after["gemm_stock_stale"] == 0 and after["gemm_stock_rebuilds"] == layers, after
     merged, base = DenseEngine(tiny_model_dir, dtype=torch.float64), DenseEngine(tiny_model_dir, dtype=torch.float64)
     merged.apply_update(gen, fitness, lr)
     for p, out, ref in zip(PROMPTS, fused, stock, strict=True):

@@ -10,8 +10,9 @@ a member. The layer's LoRA call then finds its term already added and returns.
 
 Pure inference on the engine runs through the same GEMM (no member term), so the benchmark's ratios
 compare like with like; `use_kernel("vllm")` gives the layers vLLM's GEMM back, and the benchmark times
-stock pure inference there too. vLLM's own GEMM is kept current at every merge (as before), so any call
-this GEMM does not take (a dtype or layout it was not built for) runs vLLM's instead, and is counted.
+stock pure inference there too. A merge packs the new weights here only; vLLM's own GEMM is rebuilt on
+them when something needs it: a call this GEMM does not take (a dtype or layout it was not built for,
+counted), or the switch to vLLM's ops.
 Where the CPU has no AMX, or the build has no AMX path, nothing is installed. It is opt-in
 (ES_SERVE_FUSED_GEMM=1): see ENV for why.
 
@@ -30,7 +31,7 @@ from . import member_kernel
 # Set to 1 to run the trained layers on this GEMM where the CPU has AMX. Off by default: on the 2-core
 # Xeon it was measured on, it ran the trained layers' GEMMs in about 0.8 of vLLM's time
 # (benchmarks/member_gemm.py), but in a whole engine the gain stayed within the machine's spread between
-# repeats, the ratios moved both ways, and every merge packs the weights once more (README, "The fused GEMM").
+# repeats and the ratios moved both ways (README, "The fused GEMM").
 ENV = "ES_SERVE_FUSED_GEMM"
 
 
@@ -84,6 +85,12 @@ class FusedLinear:
         self.bias_seen: tuple[int, int] | None = None  # (data pointer, version) of the bias last converted
         self.bias16: torch.Tensor | None = None
         self.calls = {"plain": 0, "fused": 0, "stock": {}}
+        # Set by a merge that packed new weights here but left vLLM's GEMM on the old ones: rebuilding
+        # it (oneDNN packs the weights again) took over half of a merge's push on the 2-core Xeon, and
+        # it serves only refused calls and the `use_kernel("vllm")` baseline, so it is rebuilt when one
+        # of those needs it.
+        self.rebuild_stock = None
+        self.stock_rebuilds = 0
 
     def pack(self, weight: torch.Tensor) -> None:
         """Packs the layer's current weights, (n_out, k) in bfloat16 (built from the masters)."""
@@ -107,9 +114,20 @@ class FusedLinear:
             self.bias16, self.bias_seen = bias.to(torch.bfloat16).contiguous(), seen
         return self.bias16.data_ptr()
 
+    def current_stock(self):
+        """vLLM's GEMM for the layer, rebuilt first if a merge left it on older weights."""
+        rebuild, self.rebuild_stock = self.rebuild_stock, None
+        if rebuild is not None:
+            installed = self.base.cpu_linear is self
+            self.stock = rebuild()
+            self.stock_rebuilds += 1
+            if installed:
+                self.base.cpu_linear = self
+        return self.stock
+
     def _refuse(self, why: str, x, weight, bias):
         self.calls["stock"][why] = self.calls["stock"].get(why, 0) + 1
-        return self.stock(x, weight, bias)
+        return self.current_stock()(x, weight, bias)
 
     def __call__(self, x: torch.Tensor, weight, bias=None):
         if self.reason is not None:
@@ -158,7 +176,7 @@ def install(layers) -> list[FusedLinear]:
 def restore(fused: list[FusedLinear]) -> None:
     """vLLM's GEMM back on every layer (the benchmark's stock baseline)."""
     for f in fused:
-        f.base.cpu_linear = f.stock
+        f.base.cpu_linear = f.current_stock()
 
 
 def reinstate(fused: list[FusedLinear]) -> None:
@@ -171,10 +189,22 @@ def reinstate(fused: list[FusedLinear]) -> None:
 def repack(f: FusedLinear, weight: torch.Tensor, active: bool) -> None:
     """After a merge rebuilt vLLM's GEMM for the layer: keep it as the stock path, pack the new weights."""
     f.stock = f.base.cpu_linear if not isinstance(f.base.cpu_linear, FusedLinear) else f.stock
+    f.rebuild_stock = None
     if f.reason is None:
         f.pack(weight)
         if active:
             f.base.cpu_linear = f
+
+
+def pack_only(f: FusedLinear, weight: torch.Tensor, rebuild_stock) -> bool:
+    """A merge's new weights for a layer the fused GEMM serves: packed here, vLLM's GEMM left to
+    `rebuild_stock()` (which returns the rebuilt one) until a call needs it. False, nothing done, where
+    the layer is not on the fused GEMM now; the caller then rebuilds vLLM's GEMM and calls `repack`."""
+    if f.reason is not None or f.base.cpu_linear is not f:
+        return False
+    f.pack(weight)
+    f.rebuild_stock = rebuild_stock
+    return True
 
 
 def report(fused: list[FusedLinear]) -> dict:
@@ -191,4 +221,7 @@ def report(fused: list[FusedLinear]) -> dict:
         "gemm_calls_fused": sum(f.calls["fused"] for f in fused),
         "gemm_calls_stock": stock,
         "gemm_packed_bytes": sum(f.packed.numel() * 2 for f in fused),
+        # Layers whose vLLM GEMM still has pre-merge weights (rebuilt when a call needs it), and rebuilds so far.
+        "gemm_stock_stale": sum(f.rebuild_stock is not None for f in fused),
+        "gemm_stock_rebuilds": sum(f.stock_rebuilds for f in fused),
     }

@@ -13,6 +13,7 @@ Every method is called by name through `LLM.collective_rpc` and takes and return
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import math
@@ -622,22 +623,34 @@ class ESWorkerExtension:
         if self.es_weight_push() == "reload":
             self.reload_weights(weights_iterator=iter(list(self._es_master.items())), is_checkpoint_format=True)
             return
-        from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
-
         # What vLLM's reload ends in for an unquantized CPU linear layer (its weights cast to the model
         # dtype, then its GEMM kernel rebuilt), without the layerwise machinery around it: meta
         # tensors, per-shard loaders and a copy back per layer. LoRA slots do not depend on the base
         # weights, so resident members stay (vLLM's reload drops them all).
-        from .member_gemm import repack
+        from .member_gemm import pack_only, repack
 
         fused = {id(f.base): f for f in getattr(self, "_es_gemm", [])}
         active = self._es_kernel
         for layer, shards in self._es_direct:
             weight = self._es_layer_weight(layer, shards)
-            layer.weight = torch.nn.Parameter(weight, requires_grad=False)
-            dispatch_cpu_unquantized_gemm(layer, remove_weight=True)
-            if id(layer) in fused:
-                repack(fused[id(layer)], weight, active)
+            f = fused.get(id(layer))
+            if f is not None and pack_only(f, weight, functools.partial(self._es_rebuild_gemm, layer, shards)):
+                continue
+            self._es_set_gemm(layer, weight)
+            if f is not None:
+                repack(f, weight, active)
+
+    def _es_set_gemm(self, layer, weight: torch.Tensor):
+        """vLLM's GEMM for a layer, built on `weight` as its reload would; returns it."""
+        from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+        layer.weight = torch.nn.Parameter(weight, requires_grad=False)
+        dispatch_cpu_unquantized_gemm(layer, remove_weight=True)
+        return layer.cpu_linear
+
+    def _es_rebuild_gemm(self, layer, shards):
+        """vLLM's GEMM for a layer the fused GEMM serves, on the current masters (see member_gemm.pack_only)."""
+        return self._es_set_gemm(layer, self._es_layer_weight(layer, shards))
 
     def _es_layer_weight(self, layer, shards) -> torch.Tensor:
         """A layer's weights in the model dtype, built from its shards' masters."""

@@ -278,7 +278,7 @@ def test_merge_packs_only_and_rebuilds_vllms_gemm_when_a_call_needs_it():
         rebuilt.append(base.cpu_linear)
         return base.cpu_linear
 
-    assert member_gemm.pack_only(fused, new, rebuild)
+    assert member_gemm.pack_only(fused, [new.float()], rebuild)
     assert rebuilt == [] and base.cpu_linear is fused
     assert member_gemm.report([fused])["gemm_stock_stale"] == 1
     y = base.cpu_linear(x, None, None)
@@ -293,12 +293,32 @@ def test_merge_packs_only_and_rebuilds_vllms_gemm_when_a_call_needs_it():
     report = member_gemm.report([fused])
     assert (report["gemm_stock_stale"], report["gemm_stock_rebuilds"]) == (0, 1)
     # After the next merge, the switch to vLLM's GEMM (the bench's stock baseline) rebuilds it too.
-    assert member_gemm.pack_only(fused, new, rebuild)
+    assert member_gemm.pack_only(fused, [new.float()], rebuild)
     member_gemm.restore([fused])
     assert len(rebuilt) == 2 and base.cpu_linear is rebuilt[-1]
     # Not on the fused GEMM now: pack_only declines, so the caller rebuilds vLLM's GEMM as before.
-    assert not member_gemm.pack_only(fused, new, rebuild)
+    assert not member_gemm.pack_only(fused, [new.float()], rebuild)
     assert member_gemm.report([fused])["gemm_stock_stale"] == 0
+
+
+@pytest.mark.parametrize("rows", [(64,), (48, 16, 32), (40, 24)], ids=["one", "shards", "odd-shards"])
+def test_packing_from_float32_shards_gives_the_bits_of_torchs_rounding(rows):
+    # What a merge packs from: the float32 masters, shard by shard; against torch's own bf16 cast, packed.
+    lib, k = member_kernel.load(), 64
+    g = torch.Generator().manual_seed(sum(rows))
+    parts = [torch.randn(r, k, generator=g) for r in rows]
+    parts[0][0, :8] = torch.tensor(
+        [1 + 2**-8, 1 + 3 * 2**-8, -(1 + 2**-8), 2**-130, -(2**-140), 3.4e38, float("inf"), 0.0]
+    )
+    n_out = sum(rows)
+    base = Base(torch.zeros(n_out, k, dtype=torch.bfloat16))
+    f = member_gemm.FusedLinear(lib, base, None)
+    f.pack_masters(parts)
+    want = torch.empty_like(f.packed)
+    assert lib.es_gemm_pack(torch.cat(parts).to(torch.bfloat16).data_ptr(), n_out, k, want.data_ptr(), 1) == 0
+    assert torch.equal(f.packed.view(torch.int16), want.view(torch.int16))
+    # Shards that do not start on a 16-row block are refused by the C call (the Python path casts first).
+    assert lib.es_gemm_pack_f32(parts[0].data_ptr(), 8, 16, k, want.data_ptr(), 1) == -1
 
 
 def test_gemm_struct_matches_the_c_layout():

@@ -44,6 +44,8 @@ def declare(lib: ctypes.CDLL) -> None:
     lib.es_gemm_packed_elems.argtypes = [i64, i64]  # n_out, k
     lib.es_gemm_pack.restype = ctypes.c_int
     lib.es_gemm_pack.argtypes = [ptr, i64, i64, ptr, ctypes.c_int]  # w, n_out, k, packed, threads
+    lib.es_gemm_pack_f32.restype = ctypes.c_int
+    lib.es_gemm_pack_f32.argtypes = [ptr, i64, i64, i64, ptr, ctypes.c_int]  # w, row0, rows, k, packed, threads
     lib.es_gemm.restype = ctypes.c_int
     # x, m, x row stride, packed, n_out, k, bias, y, y row stride, lora, threads
     lib.es_gemm.argtypes = [ptr, i64, i64, ptr, i64, i64, ptr, ptr, i64, ptr, ctypes.c_int]
@@ -102,6 +104,21 @@ class FusedLinear:
         )
         if rc != 0:
             raise RuntimeError(f"packing ({self.n_out}, {self.k}) weights for the AMX GEMM failed")
+
+    def pack_masters(self, parts: list[torch.Tensor]) -> None:
+        """Packs the layer's weights from its float32 shards (the masters, stacked in row order), each
+        rounded to bfloat16 as `pack` would: the same bits without building the bfloat16 weights first."""
+        if sum(p.shape[0] for p in parts) != self.n_out or any(
+            p.dtype != torch.float32 or p.shape[0] % 16 or tuple(p.shape[1:]) != (self.k,) for p in parts
+        ):
+            self.pack(torch.cat([p.to(torch.bfloat16) for p in parts]))
+            return
+        row, threads = 0, member_kernel.worker_threads()
+        for p in parts:
+            p = p.contiguous()
+            if self.lib.es_gemm_pack_f32(p.data_ptr(), row, p.shape[0], self.k, self.packed.data_ptr(), threads) != 0:
+                raise RuntimeError(f"packing rows {row}-{row + p.shape[0]} of a ({self.n_out}, {self.k}) layer failed")
+            row += p.shape[0]
 
     def _bias(self, bias: torch.Tensor | None) -> int | None:
         if bias is None:
@@ -196,13 +213,14 @@ def repack(f: FusedLinear, weight: torch.Tensor, active: bool) -> None:
             f.base.cpu_linear = f
 
 
-def pack_only(f: FusedLinear, weight: torch.Tensor, rebuild_stock) -> bool:
-    """A merge's new weights for a layer the fused GEMM serves: packed here, vLLM's GEMM left to
-    `rebuild_stock()` (which returns the rebuilt one) until a call needs it. False, nothing done, where
-    the layer is not on the fused GEMM now; the caller then rebuilds vLLM's GEMM and calls `repack`."""
+def pack_only(f: FusedLinear, parts: list[torch.Tensor], rebuild_stock) -> bool:
+    """A merge's new weights for a layer the fused GEMM serves, from its float32 shards in row order:
+    packed here, vLLM's GEMM left to `rebuild_stock()` (which returns the rebuilt one) until a call needs
+    it. False, nothing done, where the layer is not on the fused GEMM now; the caller then rebuilds
+    vLLM's GEMM and calls `repack`."""
     if f.reason is not None or f.base.cpu_linear is not f:
         return False
-    f.pack(weight)
+    f.pack_masters(parts)
     f.rebuild_stock = rebuild_stock
     return True
 

@@ -632,10 +632,11 @@ class ESWorkerExtension:
         fused = {id(f.base): f for f in getattr(self, "_es_gemm", [])}
         active = self._es_kernel
         for layer, shards in self._es_direct:
-            weight = self._es_layer_weight(layer, shards)
             f = fused.get(id(layer))
-            if f is not None and pack_only(f, weight, functools.partial(self._es_rebuild_gemm, layer, shards)):
+            rebuild = functools.partial(self._es_rebuild_gemm, layer, shards)
+            if f is not None and pack_only(f, [self._es_master[name] for name in shards], rebuild):
                 continue
+            weight = self._es_layer_weight(layer, shards)
             self._es_set_gemm(layer, weight)
             if f is not None:
                 repack(f, weight, active)

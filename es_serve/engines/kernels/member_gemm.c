@@ -60,25 +60,44 @@ int64_t es_gemm_packed_elems(int64_t n_out, int64_t k) {
     return n_out * k;
 }
 
-/* Packs w, bf16 (n_out x k) row-major, for es_gemm. Plain C, so it works in every build. 0, or -1. */
-int es_gemm_pack(const uint16_t *w, int64_t n_out, int64_t k, uint16_t *packed, int threads) {
-    if (!w || !packed || es_gemm_packed_elems(n_out, k) < 0) return -1;
-    const int64_t kb_n = k / 32, nb_n = n_out / 16;
+/* Column blocks [nb0, nb0 + nb_n) of the packed form from w's rows (nb_n * 16 of them, k columns each),
+ * bf16 as they are or float32 rounded to bf16 as torch rounds (f32 != 0). */
+static void gemm_pack_rows(const void *w, int f32, int64_t nb0, int64_t nb_n, int64_t k, uint16_t *packed,
+                           int threads) {
+    const int64_t kb_n = k / 32;
     (void)threads;
 #ifdef _OPENMP
 #pragma omp parallel for num_threads(threads > 0 ? threads : 1) if (threads > 1) schedule(static)
 #endif
     for (int64_t nb = 0; nb < nb_n; nb++)
         for (int64_t kb = 0; kb < kb_n; kb++) {
-            uint16_t *t = packed + (nb * kb_n + kb) * 512;
+            uint16_t *t = packed + ((nb0 + nb) * kb_n + kb) * 512;
             for (int c = 0; c < 16; c++) {
-                const uint16_t *src = w + (nb * 16 + c) * k + kb * 32;
-                for (int i = 0; i < 16; i++) {
-                    t[i * 32 + 2 * c] = src[2 * i];
-                    t[i * 32 + 2 * c + 1] = src[2 * i + 1];
-                }
+                const int64_t at = (nb * 16 + c) * k + kb * 32;
+                for (int i = 0; i < 32; i++)
+                    t[(i >> 1) * 32 + 2 * c + (i & 1)] =
+                        f32 ? bf16_store(((const float *)w)[at + i]) : ((const uint16_t *)w)[at + i];
             }
         }
+}
+
+/* Packs w, bf16 (n_out x k) row-major, for es_gemm. Plain C, so it works in every build. 0, or -1. */
+int es_gemm_pack(const uint16_t *w, int64_t n_out, int64_t k, uint16_t *packed, int threads) {
+    if (!w || !packed || es_gemm_packed_elems(n_out, k) < 0) return -1;
+    gemm_pack_rows(w, 0, 0, n_out / 16, k, packed, threads);
+    return 0;
+}
+
+/* Packs rows [row0, row0 + rows) of a layer's weights for es_gemm straight from float32 (a merge's
+ * masters, one checkpoint shard at a time), rounding each to bf16 as torch does, into `packed` laid out
+ * for the whole layer (k columns). Skips the bf16 copy of the weights the other route builds first, one
+ * pass over the masters fewer per merge. row0 and rows multiples of 16 (whole packed column blocks).
+ * 0, or -1 with nothing written. */
+int es_gemm_pack_f32(const float *w, int64_t row0, int64_t rows, int64_t k, uint16_t *packed, int threads) {
+    if (!w || !packed || row0 < 0 || rows < 1 || row0 % 16 || rows % 16 || k <= 0 || k % 32 ||
+        row0 + rows > ((int64_t)1 << 40) / k)
+        return -1;
+    gemm_pack_rows(w, 1, row0 / 16, rows / 16, k, packed, threads);
     return 0;
 }
 

@@ -19,9 +19,12 @@ once in a shuffled order; medians with min-max, and each method's ratio to `vllm
 With --engine, the same comparison in a whole engine instead (SmolLM2-135M, N members x P = 4 prompts,
 64 tokens, bfloat16): one engine started with the fused GEMM, whose trained layers are switched between it
 and vLLM's GEMM while the member kernel stays installed, pure inference and member generation timed on
-each, interleaved, `--repeats` times:
+each, interleaved, `--repeats` times, and after each member generation a merge (timed; the engine's
+first merge under each GEMM is a warm-up):
 
     python -m benchmarks.member_gemm --engine --population 32 --rank 1 --json benchmarks/results/member_gemm_engine_xeon.json
+    python -m benchmarks.member_gemm --engine --population 32 128 --rank 1 4 --repeats 3 \
+        --json benchmarks/results/member_gemm_engine_merge_xeon.json
 """
 
 from __future__ import annotations
@@ -177,24 +180,37 @@ def measure_engine(population: int, rank: int, repeats: int, memory_fraction: fl
         out = engine.generate(prompts * population, sampling)
         return sum(len(c.token_ids) for c in out) / (time.perf_counter() - start)
 
-    def members(epoch: int) -> float:
+    def members(epoch: int) -> tuple[float, float]:
         result = engine.generate_population(Generation(pop, 7, epoch), prompts, sampling)
-        return result.tokens / result.seconds
+        return result.tokens, result.seconds
+
+    def merge(epoch: int) -> float:
+        # Fitness +1 / -1 by member so every part of a merge runs, lr 0 so the weights do not move (as the
+        # profile's merges). On the fused GEMM a merge packs its weights only; on vLLM's it rebuilds vLLM's.
+        start = time.perf_counter()
+        engine.apply_update(Generation(pop, 7, epoch), [(-1.0) ** i for i in range(population)], 0.0)
+        return time.perf_counter() - start
 
     gemms = {}
     for fused in (True, False):  # warm-up on both: oneDNN builds its kernels per shape on first use
         gemms[fused] = engine.llm.collective_rpc(_switch_gemm, args=(fused,))[0]
         engine.generate(prompts * population, short)
         engine.generate_population(Generation(pop, 7, 10**6), prompts, short)
+        merge(10**6)  # an engine's first merge plans the weight push and runs the update's GEMMs first (seconds)
     if gemms[True] != "es-amx-bf16":
         raise RuntimeError(f"the engine did not install the fused GEMM ({gemms[True]})")
-    runs = {k: [] for k in ("pure_fused", "members_fused", "pure_vllm", "members_vllm")}
+    keys = ("pure_fused", "members_fused", "generation_and_merge_fused", "pure_vllm", "members_vllm")
+    runs = {k: [] for k in (*keys, "generation_and_merge_vllm")}
+    merges = {"fused": [], "vllm": []}
     for r in range(repeats):
         for fused in (True, False):
             name = "fused" if fused else "vllm"
             engine.llm.collective_rpc(_switch_gemm, args=(fused,))
             runs[f"pure_{name}"].append(pure())
-            runs[f"members_{name}"].append(members(2 * r + fused))
+            tokens, seconds = members(2 * r + fused)
+            merges[name].append(merge(2 * r + fused))
+            runs[f"members_{name}"].append(tokens / seconds)
+            runs[f"generation_and_merge_{name}"].append(tokens / (seconds + merges[name][-1]))
     report = engine.kernel_report()
     engine.close()
     med = {k: statistics.median(v) for k, v in runs.items()}
@@ -205,7 +221,12 @@ def measure_engine(population: int, rank: int, repeats: int, memory_fraction: fl
         "max_tokens": 64,
         "repeats": repeats,
         "tok_s": {k: {"median": med[k], "runs": v} for k, v in runs.items()},
+        "merge_s": {g: {"median": statistics.median(v), "runs": v} for g, v in merges.items()},
         "ratio_generation": {g: med[f"members_{g}"] / med[f"pure_{g}"] for g in ("fused", "vllm")},
+        # The step's two big parts, generation and merge (reward, shaping and the log excluded) over pure inference.
+        "ratio_generation_and_merge": {
+            g: med[f"generation_and_merge_{g}"] / med[f"pure_{g}"] for g in ("fused", "vllm")
+        },
         "fused_over_vllm": {k: med[f"{k}_fused"] / med[f"{k}_vllm"] for k in ("pure", "members")},
         "kernel_report": {k: report[k] for k in ("kernel", "fused_calls", "gemm_calls_stock", "fallback_calls")},
     }
@@ -281,8 +302,10 @@ def main(argv: list[str] | None = None) -> int:
                 row = measure_engine(population, rank, args.repeats, args.memory_fraction)
                 rows.append(row)
                 tok = {k: round(v["median"]) for k, v in row["tok_s"].items()}
-                print(f"N={population} r={rank}: tok/s {tok}  ratio generation: fused "
-                      f"{row['ratio_generation']['fused']:.3f}, vLLM's GEMM {row['ratio_generation']['vllm']:.3f}", flush=True)  # fmt: skip
+                g, gm, ms = row["ratio_generation"], row["ratio_generation_and_merge"], row["merge_s"]
+                print(f"N={population} r={rank}: tok/s {tok}  ratio generation: fused {g['fused']:.3f}, vLLM's GEMM "
+                      f"{g['vllm']:.3f}; with the merge: fused {gm['fused']:.3f}, vLLM's GEMM {gm['vllm']:.3f}; merge s: "
+                      f"fused {ms['fused']['median']:.3f}, vLLM's GEMM {ms['vllm']['median']:.3f}", flush=True)  # fmt: skip
     for tokens in [] if args.engine else args.tokens:
         for rank in args.rank:
             row = measure(tokens, rank, args.layers, args.rounds)

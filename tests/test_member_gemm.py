@@ -239,8 +239,8 @@ def test_plain_gemm_without_members_and_what_it_refuses():
     assert base.cpu_linear is fused and member_gemm.report([fused])["gemm"] == "es-amx-bf16"
 
 
-@needs_amx
-def test_merge_repacks_the_new_weights():
+def merged_layer():
+    """A 64 x 64 layer on the fused GEMM with no member in the batch, and the weights a merge gives it."""
     k, n_out = 64, 64
     w = (torch.randn(n_out, k) * 0.1).to(torch.bfloat16)
     punica = PunicaWrapperCPU([-1] * 3)
@@ -248,8 +248,12 @@ def test_merge_repacks_the_new_weights():
     punica.update_metadata()
     base = Base(w)
     (fused,) = member_gemm.install([(base, LoraLayer(punica, *members(1, (n_out,), k), (n_out,)), w)])
-    x = torch.randn(3, k).to(torch.bfloat16)
-    new = (w.float() + 0.5).to(torch.bfloat16)
+    return base, fused, torch.randn(3, k).to(torch.bfloat16), (w.float() + 0.5).to(torch.bfloat16), k
+
+
+@needs_amx
+def test_merge_repacks_the_new_weights():
+    base, fused, x, new, k = merged_layer()
     base.weight = new
     base.cpu_linear = Base(new).cpu_linear  # what vLLM's dispatch leaves after a merge
     member_gemm.repack(fused, new, active=True)
@@ -261,15 +265,7 @@ def test_merge_repacks_the_new_weights():
 
 @needs_amx
 def test_merge_packs_only_and_rebuilds_vllms_gemm_when_a_call_needs_it():
-    k, n_out = 64, 64
-    w = (torch.randn(n_out, k) * 0.1).to(torch.bfloat16)
-    punica = PunicaWrapperCPU([-1] * 3)
-    member_kernel.install(punica)
-    punica.update_metadata()
-    base = Base(w)
-    (fused,) = member_gemm.install([(base, LoraLayer(punica, *members(1, (n_out,), k), (n_out,)), w)])
-    x = torch.randn(3, k).to(torch.bfloat16)
-    new = (w.float() + 0.5).to(torch.bfloat16)
+    base, fused, x, new, k = merged_layer()
     rebuilt = []
 
     def rebuild():  # what the worker's rebuild does: vLLM's dispatch on the new weights, which replaces the hook

@@ -80,7 +80,7 @@ def build(tokens: int, rank: int, layers: int, seed: int = 0):
             lora = SimpleNamespace(punica_wrapper=punica, lora_a_stacked=a, lora_b_stacked=b, output_slices=widths)
             calls.append((name, linear, lora, widths))
     fused = member_gemm.install([(linear, lora, linear.weight) for _, linear, lora, _ in calls])
-    stock = {id(f.base): f.stock for f in fused}
+    stock = {id(f.base): f.current_stock() for f in fused}
     versions = {id(a): member_kernel.layer_versions(a, b) for a, b in stacked}
     claim = member_kernel.PairClaim(canon, versions)
     member_kernel.set_claim(punica, claim)

@@ -295,6 +295,20 @@ def test_merge_packs_only_and_rebuilds_vllms_gemm_when_a_call_needs_it():
     # Not on the fused GEMM now: pack_only declines, so the caller rebuilds vLLM's GEMM as before.
     assert not member_gemm.pack_only(fused, [new.float()], rebuild)
     assert member_gemm.report([fused])["gemm_stock_stale"] == 0
+    member_gemm.reinstate([fused])
+
+    # A rebuild that fails leaves the layer stale and the fused GEMM installed; the next call rebuilds.
+    def failing():
+        base.cpu_linear = None  # vLLM's dispatch had replaced the hook before failing
+        raise MemoryError("no memory for oneDNN's packed weights")
+
+    assert member_gemm.pack_only(fused, [new.float()], failing)
+    with pytest.raises(MemoryError):
+        base.cpu_linear(x.float(), None, None)
+    assert base.cpu_linear is fused and member_gemm.report([fused])["gemm_stock_stale"] == 1
+    assert member_gemm.pack_only(fused, [new.float()], rebuild)
+    base.cpu_linear(x.float(), None, None)
+    assert len(rebuilt) == 3 and member_gemm.report([fused])["gemm_stock_stale"] == 0
 
 
 @pytest.mark.parametrize("rows", [(64,), (48, 16, 32), (40, 24)], ids=["one", "shards", "odd-shards"])

@@ -132,14 +132,20 @@ class FusedLinear:
         return self.bias16.data_ptr()
 
     def current_stock(self):
-        """vLLM's GEMM for the layer, rebuilt first if a merge left it on older weights."""
-        rebuild, self.rebuild_stock = self.rebuild_stock, None
-        if rebuild is not None:
+        """vLLM's GEMM for the layer, rebuilt first if a merge left it on older weights.
+
+        A rebuild that fails leaves the layer marked stale (the next call tries again, never running the
+        old weights) and this GEMM installed where it was.
+        """
+        if self.rebuild_stock is not None:
             installed = self.base.cpu_linear is self
-            self.stock = rebuild()
+            try:
+                self.stock = self.rebuild_stock()
+            finally:
+                if installed:  # vLLM's dispatch replaced the hook, whether or not it finished
+                    self.base.cpu_linear = self
+            self.rebuild_stock = None
             self.stock_rebuilds += 1
-            if installed:
-                self.base.cpu_linear = self
         return self.stock
 
     def _refuse(self, why: str, x, weight, bias):

@@ -633,8 +633,9 @@ class ESWorkerExtension:
         active = self._es_kernel
         for layer, shards in self._es_direct:
             f = fused.get(id(layer))
-            rebuild = functools.partial(self._es_rebuild_gemm, layer, shards)
-            if f is not None and pack_only(f, [self._es_master[name] for name in shards], rebuild):
+            if f is not None and pack_only(
+                f, [self._es_master[name] for name in shards], functools.partial(self._es_rebuild_gemm, layer, shards)
+            ):
                 continue
             weight = self._es_layer_weight(layer, shards)
             self._es_set_gemm(layer, weight)

@@ -23,9 +23,23 @@ TARGETS = [
 ]
 
 
-def _worker(dtype):
-    worker = SimpleNamespace(_es_cache={}, _es_cache_epoch=None, _es_targets=TARGETS, _es_draw_buffer=None)
-    worker.model_runner = SimpleNamespace(lora_manager=SimpleNamespace(lora_config=SimpleNamespace(lora_dtype=dtype)))
+class Worker(ESWorkerExtension):
+    """The worker extension without vLLM around it: its own state, a fake LoRA manager, fake layers."""
+
+    def _es_jobs(self, rank):
+        return self._es_plan_jobs(rank, FakeLayer, member_kernel.DTYPES)
+
+
+def _worker(dtype, slots=None):
+    worker = Worker()
+    worker.__dict__.update(_es_cache={}, _es_cache_epoch=None, _es_targets=TARGETS, _es_draw_buffer=None)
+    worker.__dict__.update(_es_drawn=None, _es_slot_path={}, _es_loaded_path={})
+    worker._es_offsets, offset = {}, 0
+    for t in TARGETS:
+        worker._es_offsets[t.param] = offset
+        offset += t.out_features + t.in_features
+    manager = SimpleNamespace(lora_config=SimpleNamespace(lora_dtype=dtype), _adapter_manager=slots)
+    worker.model_runner = SimpleNamespace(lora_manager=manager)
     return worker
 
 
@@ -168,11 +182,6 @@ def test_merge_reads_the_noise_the_members_were_built_from():
 
     pop = Population(size=6, rank=2, sigma=0.02)
     worker = _worker(torch.bfloat16)
-    worker._es_drawn = None
-    worker._es_offsets, offset = {}, 0
-    for t in TARGETS:
-        worker._es_offsets[t.param] = offset
-        offset += t.out_features + t.in_features
     ESWorkerExtension._es_build(worker, [member_path(5, 2, i, pop) for i in (4, 0, 1, 5)])  # draws 2 and 0
     held = ESWorkerExtension._es_held_factors(worker, 5, 2, pop)
     for t in TARGETS:
@@ -185,3 +194,109 @@ def test_merge_reads_the_noise_the_members_were_built_from():
     assert ESWorkerExtension._es_held_factors(worker, 5, 2, Population(size=6, rank=1, sigma=0.02)) is None
     other_sigma = ESWorkerExtension._es_held_factors(worker, 5, 2, Population(size=6, rank=2, sigma=0.03))
     assert other_sigma(TARGETS[0], [0]) is None
+
+
+def _fake_slots(dtype, slot_rank, n_slots=6):
+    """vLLM's LoRA manager as far as _es_write_members reads it: SmolLM-like packed q/k/v (k and v untrained
+    here) and a down projection, every slot holding something from before."""
+    g = torch.Generator().manual_seed(3)
+    layers = {
+        "model.layers.0.self_attn.qkv_proj": FakeLayer((48, 16, 16), 32, n_slots, slot_rank),
+        "model.layers.0.mlp.down_proj": FakeLayer((32,), 80, n_slots, slot_rank),
+        "model.layers.1.self_attn.qkv_proj": FakeLayer((48, 16, 16), 32, n_slots, slot_rank),
+    }
+    for layer in layers.values():
+        layer.lora_a_stacked = tuple(torch.randn(t.shape, generator=g).to(dtype) for t in layer.lora_a_stacked)
+        layer.lora_b_stacked = tuple(torch.randn(t.shape, generator=g).to(dtype) for t in layer.lora_b_stacked)
+    packed = {
+        name: [name.replace("qkv_proj", p) for p in ("q_proj", "k_proj", "v_proj")]
+        for name in layers
+        if name.endswith("qkv_proj")
+    }
+    return SimpleNamespace(modules=layers, packed_modules=packed, lora_index_to_id=[None, 9, 4, 12, None, 30])
+
+
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["float32", "bfloat16", "float16"]
+)
+@pytest.mark.parametrize("slot_rank,rank", [(2, 2), (4, 1), (4, 3)])
+def test_members_written_in_place_equal_each_member_built_alone(dtype, slot_rank, rank):
+    if member_kernel.load() is None:
+        pytest.skip(f"member kernel library not built: {member_kernel.load_error()}")
+    slots = _fake_slots(dtype, slot_rank)
+    worker = _worker(dtype, slots)
+    before = {
+        name: [t.clone() for t in layer.lora_a_stacked + layer.lora_b_stacked] for name, layer in slots.modules.items()
+    }
+    versions = [member_kernel.layer_versions(x.lora_a_stacked, x.lora_b_stacked) for x in slots.modules.values()]
+    pop, other = Population(size=6, rank=rank, sigma=0.02), Population(size=4, rank=rank, sigma=0.5)
+    # Ids to their slots out of order, an antithetic pair (members 0 and 1), another population's member.
+    members = [(member_path(5, 2, 1, pop), 12), (member_path(5, 2, 0, pop), 9), (member_path(5, 2, 4, pop), 30)]
+    members.append((member_path(5, 2, 3, other), 4))
+    worker._es_write_members(members)
+    written = {slots.lora_index_to_id.index(i): path for path, i in members}
+    for name, layer in slots.modules.items():
+        parts = slots.packed_modules.get(name, [name])
+        for k, part in enumerate(parts):
+            target = next((t for t in TARGETS if t.param == part + ".weight"), None)
+            got_a, got_b = layer.lora_a_stacked[k][:, 0], layer.lora_b_stacked[k][:, 0]
+            old_a, old_b = before[name][k][:, 0], before[name][len(parts) + k][:, 0]
+            for slot in range(len(slots.lora_index_to_id)):
+                if target is None or slot not in written:  # untrained slices and other slots: untouched
+                    assert torch.equal(got_a[slot], old_a[slot]) and torch.equal(got_b[slot], old_b[slot])
+                    continue
+                _, _, member, p = parse_member_path(written[slot])
+                lora_a, lora_b = member_lora(p, member, target, 5, 2)
+                want_a = torch.zeros(slot_rank, target.in_features, dtype=dtype)
+                want_b = torch.zeros(target.out_features, slot_rank, dtype=dtype)
+                want_a[:rank] = lora_a.to(dtype)
+                want_b[:, :rank] = lora_b.to(dtype)
+                # Bit for bit what building the member alone and vLLM's reset then set_lora leave in the slot.
+                assert torch.equal(got_a[slot], want_a), (name, k, slot)
+                assert torch.equal(got_b[slot], want_b), (name, k, slot)
+    after = [member_kernel.layer_versions(x.lora_a_stacked, x.lora_b_stacked) for x in slots.modules.values()]
+    assert all(a > b for old, new in zip(versions, after, strict=True) for b, a in zip(old, new, strict=True) if a != b)
+    assert any(a != b for old, new in zip(versions, after, strict=True) for b, a in zip(old, new, strict=True))
+    assert worker._es_slot_path == {i: path for path, i in members}
+    # The merge reads this step's noise from the block the members were written from.
+    held = ESWorkerExtension._es_held_factors(worker, 5, 2, pop)
+    assert held(TARGETS[0], [0, 2]) is not None
+
+
+def test_members_whose_slots_are_laid_out_otherwise_are_reloaded_through_vllm():
+    slots = _fake_slots(torch.float32, 2)
+    slots.modules["model.layers.0.mlp.down_proj"].lora_b_stacked = (torch.zeros(6, 1, 32, 2, dtype=torch.bfloat16),)
+    worker = _worker(torch.float32, slots)
+    calls = []
+    worker.model_runner.lora_manager.remove_adapter = lambda i: calls.append(("remove", i))
+    worker.model_runner.lora_manager.add_adapter = lambda request: calls.append(("add", request.lora_int_id))
+    pop = Population(size=6, rank=2, sigma=0.02)
+    worker._es_write_members([(member_path(5, 2, 1, pop), 12), (member_path(5, 2, 0, pop), 9)])
+    assert calls == [("remove", 12), ("add", 12), ("remove", 9), ("add", 9)]
+
+
+def test_an_id_vllm_activates_again_holds_the_member_it_was_registered_with_until_written():
+    class Slots:  # vLLM's LoRAModelManager.activate_adapter as far as the record goes
+        def __init__(self):
+            self._active_adapters = {}
+
+        def activate_adapter(self, lora_id):
+            if lora_id in self._active_adapters:
+                return False
+            self._active_adapters[lora_id] = None
+            return True
+
+    slots = Slots()
+    worker = _worker(torch.float32, slots)
+    worker._es_watch_activation()
+    worker._es_watch_activation()  # idempotent
+    worker._es_loaded_path[5] = "es://registered"
+    assert slots.activate_adapter(5) is True and worker._es_slot_path == {5: "es://registered"}
+    worker._es_slot_path[5] = "es://written-in-place"
+    assert slots.activate_adapter(5) is False  # already in its slot: nothing rewritten, the record stands
+    assert worker._es_slot_path == {5: "es://written-in-place"}
+    del slots._active_adapters[5]  # evicted; activating it again writes what vLLM registered
+    slots.activate_adapter(5)
+    assert worker._es_slot_path == {5: "es://registered"}
+    slots.activate_adapter(6)  # an adapter this worker did not load (a PEFT file): nothing is known of its slot
+    assert 6 not in worker._es_slot_path

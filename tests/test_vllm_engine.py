@@ -265,23 +265,43 @@ def test_merge_through_vllms_reload_matches_dense_too(engines, monkeypatch):
     assert _tokens(again.completions) == _dense_population(dense, gen, range(4), PROMPTS)
 
 
-def test_members_are_loaded_once_and_engine_steps_skip_adapter_activation(engines, monkeypatch):
+def test_members_go_into_slots_once_and_engine_steps_skip_adapter_activation(engines, monkeypatch):
+    from es_serve.engines.vllm_engine import SLOT_IDS
+
     engine, dense = engines
-    manager = _worker(engine).model_runner.lora_manager
-    loads, activations = [], []
-    load, activate = manager._load_adapter, manager._es_original_apply
+    worker = _worker(engine)
+    manager = worker.model_runner.lora_manager
+    loads, activations, written = [], [], []
+    load, activate, write = manager._load_adapter, manager._es_original_apply, worker._es_write_members
     monkeypatch.setattr(manager, "_load_adapter", lambda request: loads.append(request.lora_int_id) or load(request))
     monkeypatch.setattr(manager, "_es_original_apply", lambda requests: activations.append(1) or activate(requests))
-    gen = Generation(POP, seed=31, epoch=0)
-    result = engine.generate_population(gen, PROMPTS, GREEDY)
-    # All 32 members were built and put into slots before the generate; none of its engine steps
-    # went through vLLM's per-adapter activation.
-    assert sorted(loads) == sorted(set(loads)) and len(loads) == 32
+    monkeypatch.setattr(worker, "_es_write_members", lambda members: written.append(len(members)) or write(members))
+    first = Generation(POP, seed=31, epoch=0)
+    result = engine.generate_population(first, PROMPTS, GREEDY)
+    loaded_first, written_first = len(loads), sum(written)
+    # All 32 members were put into slots before the generate: loaded by vLLM (ids it had not seen) or
+    # written in place (ids an earlier batch left in the slots), each once; none of the generate's
+    # engine steps went through vLLM's per-adapter activation.
+    assert sorted(loads) == sorted(set(loads)) and loaded_first + written_first == 32
     assert activations == []
-    assert _tokens(result.completions[:6]) == _dense_population(dense, gen, range(6), PROMPTS)
-    # A batch that needs adapters not in a slot still takes vLLM's path (here: one new member).
+    assert _tokens(result.completions[:6]) == _dense_population(dense, first, range(6), PROMPTS)
+    # The next generation's members take the same ids: written in place, nothing registered with vLLM.
+    second = Generation(POP, seed=31, epoch=1)
+    result = engine.generate_population(second, PROMPTS, GREEDY)
+    assert len(loads) == loaded_first and sum(written) == written_first + 32 and activations == []
+    assert _tokens(result.completions[26:]) == _dense_population(dense, second, range(26, 32), PROMPTS)
+    # A batch that needs an adapter not in a slot still takes vLLM's path (here: one new member), and
+    # evicts one of the batch's ids from its slot.
     engine.generate(PROMPTS[:1], GREEDY, Generation(POP, seed=32, epoch=0), 3)
     assert activations
+    evicted = [k for k in range(32) if SLOT_IDS + k not in manager._adapter_manager._active_adapters]
+    assert len(evicted) == 1
+    # The same generation again: the evicted id is loaded anew (vLLM dropped it from its registry too) or,
+    # were it still registered, activated from there with an older member and written over; either way
+    # once, and the rest of the slots are left as they are.
+    result = engine.generate_population(second, PROMPTS, GREEDY)
+    assert len(loads) + sum(written) == loaded_first + written_first + 32 + 1 + 1
+    assert _tokens([result.completions[evicted[0]]]) == _dense_population(dense, second, evicted, PROMPTS)
 
 
 def test_a_request_with_its_own_cache_salt_reuses_no_cached_prompt(engines):

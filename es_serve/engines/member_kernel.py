@@ -149,6 +149,10 @@ def open_library(path: Path) -> tuple[ctypes.CDLL, dict]:
     lib.es_write_slots.restype = None
     # stacked, slot rows, slot cols, slots[], sources[], count, rows, cols, element bytes, threads
     lib.es_write_slots.argtypes = [ptr, i64, i64, ptr, ptr, i64, i64, i64, i64, ctypes.c_int]
+    lib.es_write_drawn_slots.restype = None
+    # jobs (9 int64 each), jobs count, dtype code, slots[], draw row addresses[], A's and B's coefficients[],
+    # members count, threads
+    lib.es_write_drawn_slots.argtypes = [ptr, i64, ctypes.c_int, ptr, ptr, ptr, ptr, i64, ctypes.c_int]
     from .member_gemm import declare
 
     declare(lib)

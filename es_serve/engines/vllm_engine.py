@@ -17,7 +17,11 @@ from adapters import DEFAULT_MODULES, Optimizer, Population, Target
 
 from ..types import Completion, Generation, PopulationResult, Sampling
 from .sizing import EnginePlan, plan_engine, resolve_dtype
-from .vllm_worker import member_path, worker_extension_name
+from .vllm_worker import SCHEME, member_path, worker_extension_name
+
+# Adapter ids of the slots a member batch is written into (see VLLMEngine._slot_ids): above any id
+# `_lora` hands out, and within int32 for any code that packs them.
+SLOT_IDS = 1 << 30
 
 
 class VLLMEngine:
@@ -165,6 +169,7 @@ class VLLMEngine:
         The index only picks the sampling seeds; the benchmark's PEFT-file baseline passes its own requests.
         """
         start = time.perf_counter()
+        adapters = self._slot_ids(adapters)
         # Every member is drawn and put into a slot in one call first, so vLLM's engine steps find them
         # resident; that time counts as generation time.
         self._rpc("es_prepare", [(lora.lora_path, lora.lora_int_id) for _, lora in adapters])
@@ -180,6 +185,23 @@ class VLLMEngine:
         p = len(prompts)
         rows = [flat[k * p : (k + 1) * p] for k in range(len(adapters))]
         return PopulationResult(rows, seconds, sum(len(c.token_ids) for c in flat))
+
+    def _slot_ids(self, adapters):
+        """A member batch that fits in the slots, with the ids of the last such batch: its k-th member gets
+        id SLOT_IDS + k, whose slot es_prepare then overwrites with it in place (no new adapter for vLLM
+        to register and activate per member and generation). Names stay the members' own, so vLLM's
+        prefix cache, keyed by adapter name, never serves one member's prompt to another. Other
+        batches (more members than slots, PEFT files) keep their ids."""
+        from vllm.lora.request import LoRARequest
+
+        paths = list(dict.fromkeys(lora.lora_path for _, lora in adapters))
+        if len(paths) > self.plan.max_loras or not all(p.startswith(SCHEME) for p in paths):
+            return adapters
+        ids = {path: SLOT_IDS + k for k, path in enumerate(paths)}
+        return [
+            (i, LoRARequest(lora_name=lora.lora_name, lora_int_id=ids[lora.lora_path], lora_path=lora.lora_path))
+            for i, lora in adapters
+        ]
 
     def apply_update(
         self, gen: Generation, shaped_fitness, lr: float, scaling: str = "mean", optimizer: Optimizer | None = None

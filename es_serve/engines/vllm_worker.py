@@ -222,6 +222,12 @@ class ESWorkerExtension:
             self._es_offsets[t.param] = offset
             offset += t.out_features + t.in_features
         self._es_cache_epoch = None
+        # Which member each adapter id's slot holds (valid while the id is active) and which member each
+        # id was registered with: the engine reuses ids from one generation to the next, and a slot whose
+        # id vLLM activates again gets the registered member back (see _es_watch_activation).
+        self._es_slot_path: dict[int, str] = {}
+        self._es_loaded_path: dict[int, str] = {}
+        self._es_slot_jobs = None  # (rank, jobs, tensors written) for es_write_drawn_slots, made once per rank
         # A partial reload is the point here: norms and embeddings are frozen, so vLLM's per-merge
         # warnings that they were "not loaded" are expected and would flood the log.
         for name in ("layerwise", "inplace"):
@@ -237,6 +243,7 @@ class ESWorkerExtension:
         self.__dict__.pop("_es_direct", None)  # planned at the first push, for these targets
         from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
 
+        self._es_watch_activation()
         for module in manager._adapter_manager.modules.values():
             if type(module).__name__ in VOCAB_LORA_LAYERS:
                 _skip_clean_resets(module)
@@ -314,18 +321,7 @@ class ESWorkerExtension:
         dtype = self.model_runner.lora_manager.lora_config.lora_dtype
         shapes = [(t.out_features, t.in_features) for t in targets]
         for rank, by_draw in draws.items():
-            keys = [NoiseKey(seed, epoch, draw, t.layer, t.module) for seed, epoch, draw, _ in by_draw for t in targets]
-            per_draw = sum((m + n) * rank for m, n in shapes)
-            # One block, reused by every generation's draw (it is only read while laying out below):
-            # faulting in fresh pages for it each time cost more than the draw itself at rank 4.
-            need = per_draw * len(by_draw)
-            if self._es_draw_buffer is None or self._es_draw_buffer.numel() < need:
-                self._es_draw_buffer = None  # the old one goes before the new one is allocated
-                self._es_draw_buffer = torch.empty(need, dtype=torch.float32)
-            block = draw_block(keys, shapes * len(by_draw), rank, out=self._es_draw_buffer)
-            block = block.view(len(by_draw), per_draw)
-            # What the buffer now holds, for the merge (es_drawn); the next draw overwrites both.
-            self._es_drawn = (rank, {key: row for row, key in enumerate(by_draw)}, block)
+            block = self._es_draw(rank, list(by_draw))
             # Per draw, not per member: the two members of a pair share A's side (the same tensor, as
             # vLLM copies it into its slots and never writes it) and B's differs only by the sign,
             # applied once per draw by an exact negation. The products are lora_from_factors' float32
@@ -360,14 +356,37 @@ class ESWorkerExtension:
                 self._es_cache[path] = member_tensors
         return out
 
+    def _es_draw(self, rank: int, draws: list[tuple[int, int, int, float]]) -> torch.Tensor:
+        """Every (seed, epoch, draw, sigma)'s Z for every target, one row per draw: (draws, sum of (m + n) r).
+
+        A row holds the targets' Z (m + n, r) one after another (`_es_offsets`), B's m rows first.
+        """
+        targets = self._es_targets
+        shapes = [(t.out_features, t.in_features) for t in targets]
+        keys = [NoiseKey(seed, epoch, draw, t.layer, t.module) for seed, epoch, draw, _ in draws for t in targets]
+        per_draw = sum((m + n) * rank for m, n in shapes)
+        # One block, reused by every generation's draw (it is only read while members are laid out or
+        # written into slots): faulting in fresh pages for it each time cost more than the draw at rank 4.
+        need = per_draw * len(draws)
+        if self._es_draw_buffer is None or self._es_draw_buffer.numel() < need:
+            self._es_draw_buffer = None  # the old one goes before the new one is allocated
+            self._es_draw_buffer = torch.empty(need, dtype=torch.float32)
+        block = draw_block(keys, shapes * len(draws), rank, out=self._es_draw_buffer)
+        block = block.view(len(draws), per_draw)
+        # What the buffer now holds, for the merge (es_drawn); the next draw overwrites both.
+        self._es_drawn = (rank, {key: row for row, key in enumerate(draws)}, block)
+        return block
+
     def _es_load_adapter(self, request):
         manager = self.model_runner.lora_manager
+        self._es_loaded_path.pop(request.lora_int_id, None)
         if not request.lora_path.startswith(SCHEME):
             return manager._es_original_load(request)
         from vllm.lora.lora_model import LoRAModel
         from vllm.lora.lora_weights import LoRALayerWeights
 
         factors = self._es_build([request.lora_path])[request.lora_path]
+        self._es_loaded_path[request.lora_int_id] = request.lora_path  # what activating this id writes
         _, _, _, pop = parse_member_path(request.lora_path)
         helper = self._es_peft_helper(pop.rank)
         # Built directly rather than through LoRAModel.from_lora_tensors, which parses every tensor's
@@ -400,8 +419,10 @@ class ESWorkerExtension:
     def es_prepare(self, adapters: list[tuple[str, int]]) -> int:
         """Puts a batch's member adapters into vLLM's slots before its `generate`; returns how many were new.
 
-        All missing members are drawn in one pass (`_es_build`), then activated in one go, so the
-        engine steps of the generate find them resident and skip activation entirely. Adapters
+        An adapter id not in a slot goes through vLLM (drawn with the others first, in one pass by
+        `_es_build`, then registered and activated). An id in a slot that holds another member, as when
+        the engine gives each generation's members the ids the last one had (vllm_engine), is written
+        in place from its draw (`_es_write_members`): no per-member tensors, no registration. Adapters
         already resident are touched first so loading the new ones cannot evict them. Addresses that
         are not `es://` (the benchmark's PEFT files) are left to vLLM's own loading in the generate.
         """
@@ -410,24 +431,175 @@ class ESWorkerExtension:
         manager = self.model_runner.lora_manager
         slots = manager._adapter_manager
         members = [(path, i) for path, i in dict(adapters).items() if path.startswith(SCHEME)]
-        self._es_build([path for path, i in members if i not in slots._active_adapters])
         if len(members) > slots.lora_slots:
+            for path, i in members:  # vLLM activates from its registry: an id registered with another member goes
+                if i in slots._registered_adapters and self._es_loaded_path.get(i) != path:
+                    manager.remove_adapter(i)
+            self._es_build([path for path, i in members if i not in slots._registered_adapters])
             self._es_claim_pairs([])
             return 0  # more members than slots: vLLM activates them batch by batch as it schedules them
-        resident = [(p, i) for p, i in members if i in slots._active_adapters]
         missing = [(p, i) for p, i in members if i not in slots._active_adapters]
-        queued = [m for m in slots.modules.values() if hasattr(m, "_es_slot_queue")]
+        if missing:
+            self._es_build([path for path, i in missing if i not in slots._registered_adapters])
+            resident = [(p, i) for p, i in members if i in slots._active_adapters]
+            queued = [m for m in slots.modules.values() if hasattr(m, "_es_slot_queue")]
+            for module in queued:
+                module._es_slot_queue = {}
+            try:
+                for path, i in resident + missing:
+                    manager.add_adapter(LoRARequest(lora_name=path, lora_int_id=i, lora_path=path))
+            finally:
+                # Written even if an activation failed: the adapters vLLM marked active must hold their weights.
+                for module in queued:
+                    _write_queued_slots(module)
+        stale = [(p, i) for p, i in members if self._es_slot_path.get(i) != p]
+        if stale:
+            self._es_write_members(stale)
+        self._es_claim_pairs(members)
+        return len(missing)
+
+    def _es_watch_activation(self) -> None:
+        """Records, whenever vLLM activates an adapter into a slot, that the slot holds its registered member.
+
+        vLLM activates from the adapter it registered under that id, which for an id the engine reused
+        is the member it was first loaded with, not the last one written in place. Patched on the
+        instance; idempotent.
+        """
+        slots = self.model_runner.lora_manager._adapter_manager
+        if getattr(slots, "_es_activation_watched", False):
+            return
+        activate = slots.activate_adapter
+
+        def activate_adapter(lora_id: int) -> bool:
+            if lora_id in slots._active_adapters:  # already in its slot: vLLM only touches its LRU entry
+                return activate(lora_id)
+            self._es_slot_path.pop(lora_id, None)
+            done = activate(lora_id)
+            if lora_id in slots._active_adapters and lora_id in self._es_loaded_path:
+                self._es_slot_path[lora_id] = self._es_loaded_path[lora_id]
+            return done
+
+        slots.activate_adapter = activate_adapter
+        slots._es_activation_watched = True
+
+    def _es_write_members(self, members: list[tuple[str, int]]) -> None:
+        """Writes members into the slots their (active) ids hold, straight from one draw.
+
+        Drawn per rank in one pass as `_es_build` draws, and written by the kernel library's
+        es_write_drawn_slots: scaled, rounded to the slots' dtype and transposed on the way, the bits
+        `_es_build` and vLLM's activation would put there. Where that cannot run (slots not plain CPU
+        tensors, no compiled library, a layer laid out otherwise), each id is reloaded through vLLM.
+        """
+        slots = self.model_runner.lora_manager._adapter_manager
+        by_rank: dict[int, dict[tuple[int, int, int, float], list[tuple[str, int, int]]]] = {}
+        for path, i in members:
+            seed, epoch, member, pop = parse_member_path(path)
+            key = (seed, epoch, pop.draw_of(member), pop.sigma)
+            by_rank.setdefault(pop.rank, {}).setdefault(key, []).append((path, i, pop.sign_of(member)))
+        for rank, by_draw in by_rank.items():
+            jobs = self._es_jobs(rank)
+            if jobs is None:
+                self._es_reload([(path, i) for group in by_draw.values() for path, i, _ in group])
+                continue
+            table, written = jobs
+            block = self._es_draw(rank, list(by_draw))
+            row_bytes = block.stride(0) * block.element_size()
+            slot_of, at, ca, cb, done = [], [], [], [], []
+            for row, (key, group) in enumerate(by_draw.items()):
+                for path, i, sign in group:
+                    slot_of.append(slots.lora_index_to_id.index(i))
+                    at.append(block.data_ptr() + row * row_bytes)
+                    ca.append(math.sqrt(key[3]))
+                    cb.append(sign * math.sqrt(key[3] / rank))  # float32 then, as _es_build's coefficients
+                    done.append((path, i))
+            index = torch.tensor(slot_of, dtype=torch.int64)
+            rows_at = torch.tensor(at, dtype=torch.int64)
+            coeff_a = torch.tensor(ca, dtype=torch.float32)
+            coeff_b = torch.tensor(cb, dtype=torch.float32)
+            from .member_kernel import DTYPES, load, worker_threads
+
+            lib = load()
+            lib.es_write_drawn_slots(
+                table.data_ptr(), table.shape[0], DTYPES[written[0].dtype][0], index.data_ptr(), rows_at.data_ptr(),
+                coeff_a.data_ptr(), coeff_b.data_ptr(), len(done), worker_threads(),
+            )  # fmt: skip
+            for stacked in written:  # as _write_slots_native: the kernel's layer plans watch the counters
+                torch.autograd.graph.increment_version(stacked)
+            for path, i in done:
+                self._es_slot_path[i] = path
+
+    def _es_jobs(self, rank: int):
+        """es_write_drawn_slots' jobs for members of this rank: (int64 table, stacked tensors it writes), or
+        None where the slots are not laid out as this engine's CPU layers lay them (then vLLM reloads)."""
+        cached = self._es_slot_jobs
+        if cached is not None and cached[0] == rank:
+            return cached[1]
+        from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
+
+        from .member_kernel import DTYPES, load
+
+        jobs = None if load() is None else self._es_plan_jobs(rank, BaseLinearLayerWithLoRA, DTYPES)
+        self._es_slot_jobs = (rank, jobs)
+        return jobs
+
+    def _es_plan_jobs(self, rank: int, linear_type, dtypes):
+        slots = self.model_runner.lora_manager._adapter_manager
+        by_name = {t.param.removesuffix(".weight"): t for t in self._es_targets}
+        rows, written, found = [], [], set()
+        for name, module in slots.modules.items():
+            if not isinstance(module, linear_type):
+                continue
+            if getattr(module, "tp_size", 1) != 1:
+                return None
+            parts = slots.packed_modules.get(name, [name])
+            if len(parts) != module.n_slices:
+                return None
+            for k, part in enumerate(parts):
+                t = by_name.get(part)
+                if t is None:
+                    continue  # untrained: vLLM zeroed it when the id was activated, and nothing writes it since
+                a, b = module.lora_a_stacked[k], module.lora_b_stacked[k]
+                m, n, off = t.out_features, t.in_features, self._es_offsets[t.param] * rank
+                ok = (
+                    a.device.type == b.device.type == "cpu"
+                    and a.dtype == b.dtype
+                    and a.dtype in dtypes
+                    and a.is_contiguous()
+                    and b.is_contiguous()
+                    and a.dim() == b.dim() == 4
+                    and a.shape[1] == b.shape[1] == 1
+                    and a.shape[2] >= rank
+                    and a.shape[3] == n
+                    and b.shape[2] == m
+                    and b.shape[3] >= rank
+                )
+                if not ok:
+                    return None
+                # A (r, n) is Z's last n rows transposed; B (m, r) its first m rows (see _es_draw).
+                rows.append([a.data_ptr(), a.shape[2], n, rank, n, 1, rank, off + m * rank, 0])
+                rows.append([b.data_ptr(), m, b.shape[3], m, rank, rank, 1, off, 1])
+                written += [a, b]
+                found.add(t.param)
+        if found != {t.param for t in self._es_targets} or len({t.dtype for t in written}) != 1:
+            return None
+        return torch.tensor(rows, dtype=torch.int64), written
+
+    def _es_reload(self, members: list[tuple[str, int]]) -> None:
+        """Members into their ids' slots through vLLM: each id removed, then loaded and activated anew."""
+        from vllm.lora.request import LoRARequest
+
+        manager = self.model_runner.lora_manager
+        self._es_build([path for path, _ in members])
+        queued = [m for m in manager._adapter_manager.modules.values() if hasattr(m, "_es_slot_queue")]
         for module in queued:
             module._es_slot_queue = {}
         try:
-            for path, i in resident + missing:
+            for path, i in members:
+                manager.remove_adapter(i)
                 manager.add_adapter(LoRARequest(lora_name=path, lora_int_id=i, lora_path=path))
         finally:
-            # Written even if an activation failed: the adapters vLLM marked active must hold their weights.
             for module in queued:
                 _write_queued_slots(module)
-        self._es_claim_pairs(members)
-        return len(missing)
 
     def _es_claim_pairs(self, members: list[tuple[str, int]]) -> None:
         """Tells the member kernel which slots now hold both members of an antithetic pair.

@@ -925,6 +925,55 @@ void es_write_slots(void *stacked, int64_t slot_rows, int64_t slot_cols, const i
     }
 }
 
+/* A generation's members straight from their float32 draws into vLLM's slots (vllm_worker.py), for slots
+ * that stay with one adapter id from one generation to the next: the drawn block is read once, scaled,
+ * rounded and transposed on the way, with no per-member tensors and no registration in between.
+ *
+ * Job j (8 int64 each: stacked address, slot rows, slot cols, rows, cols, source row step, source column
+ * step, source offset; then the side, 0 for A and 1 for B) and member e (slot, address of its draw's float32
+ * row, the coefficients of A's and B's side): slot (rows, cols) element (i, j) = round(src[off + i rs + j cs]
+ * * coeff) and the rest of the slot zero, as vLLM's reset_lora then set_lora leave it. One float32 multiply
+ * (nothing to fuse it with) then the dtype's rounding, so the bits are torch's `(z * c).to(dtype)`; a minus
+ * member's negative coefficient gives exactly the negation of its partner's rounded value. */
+enum { ES_JOB_FIELDS = 9 };
+void es_write_drawn_slots(const int64_t *jobs, int64_t n_jobs, int dtype, const int64_t *slots, const int64_t *rows_at,
+                          const float *coeff_a, const float *coeff_b, int64_t count, int threads) {
+    if (threads < 1) threads = 1;
+#pragma omp parallel for collapse(2) num_threads(threads) schedule(dynamic, 4) if (threads > 1)
+    for (int64_t j = 0; j < n_jobs; ++j) {
+        for (int64_t e = 0; e < count; ++e) {
+            const int64_t *job = jobs + j * ES_JOB_FIELDS;
+            const int64_t slot_rows = job[1], slot_cols = job[2], rows = job[3], cols = job[4];
+            const int64_t rs = job[5], cs = job[6], side = job[8];
+            const float *src = (const float *)(intptr_t)rows_at[e] + job[7];
+            const float c = side ? coeff_b[e] : coeff_a[e];
+            const int64_t at = slots[e] * slot_rows * slot_cols;
+            if (dtype == ES_F32) {
+                float *o = (float *)(intptr_t)job[0] + at;
+                for (int64_t i = 0; i < rows; ++i) {
+                    for (int64_t k = 0; k < cols; ++k) o[i * slot_cols + k] = src[i * rs + k * cs] * c;
+                    for (int64_t k = cols; k < slot_cols; ++k) o[i * slot_cols + k] = 0.0f;
+                }
+                memset(o + rows * slot_cols, 0, (size_t)((slot_rows - rows) * slot_cols) * 4);
+            } else if (dtype == ES_BF16) {
+                uint16_t *o = (uint16_t *)(intptr_t)job[0] + at;
+                for (int64_t i = 0; i < rows; ++i) {
+                    for (int64_t k = 0; k < cols; ++k) o[i * slot_cols + k] = bf16_store(src[i * rs + k * cs] * c);
+                    for (int64_t k = cols; k < slot_cols; ++k) o[i * slot_cols + k] = 0;
+                }
+                memset(o + rows * slot_cols, 0, (size_t)((slot_rows - rows) * slot_cols) * 2);
+            } else {
+                es_half *o = (es_half *)(intptr_t)job[0] + at;
+                for (int64_t i = 0; i < rows; ++i) {
+                    for (int64_t k = 0; k < cols; ++k) o[i * slot_cols + k] = f16_store(src[i * rs + k * cs] * c);
+                    for (int64_t k = cols; k < slot_cols; ++k) o[i * slot_cols + k] = f16_store(0.0f);
+                }
+                memset(o + rows * slot_cols, 0, (size_t)((slot_rows - rows) * slot_cols) * 2);
+            }
+        }
+    }
+}
+
 /* The trained layers' own GEMM with the member term in its epilogue (AMX only): one library, so it
  * shares the OpenMP team and the cache key, and reads the shrink's h from es_member_shrink_step. */
 #include "member_gemm.c"

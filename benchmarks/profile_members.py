@@ -33,12 +33,14 @@ from pathlib import Path
 # (label, file, function) of the pieces reported (cumulative time in the profile).
 PIECES = (
     ("members put into slots before the generate (es_prepare)", "vllm_worker.py", "es_prepare"),
-    ("  of which: adapters built from seeds (draw and layout)", "vllm_worker.py", "_es_build"),
+    ("  of which: adapters built from seeds for vLLM (draw and layout)", "vllm_worker.py", "_es_build"),
     ("  of which: noise draw", "noise.py", "draw_block"),
     ("  of which: each member's vLLM LoRAModel (es loader)", "vllm_worker.py", "_es_load_adapter"),
     ("  of which: vLLM's LoRAModel registration", "model_manager.py", "_add_adapter"),
     ("  of which: vLLM's activation into slots", "model_manager.py", "activate_adapter"),
     ("  of which: the slots' tensors written (all members at once)", "vllm_worker.py", "_write_queued_slots"),
+    ("  of which: members written over the last batch's, in their slots (draw included)", "vllm_worker.py",
+     "_es_write_members"),
     ("vLLM's per-step adapter activation (set_active_loras), loading included", "lora_model_runner_mixin.py",
      "set_active_loras"),
     ("member kernel calls (per layer, Python included)", "member_kernel.py", "_run_grouped"),

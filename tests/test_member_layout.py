@@ -34,6 +34,7 @@ def _worker(dtype, slots=None):
     worker = Worker()
     worker.__dict__.update(_es_cache={}, _es_cache_epoch=None, _es_targets=TARGETS, _es_draw_buffer=None)
     worker.__dict__.update(_es_drawn=None, _es_slot_path={}, _es_loaded_path={})
+    worker._es_slot_counts = {"loaded_by_vllm": 0, "written_in_place": 0, "reloaded_by_vllm": 0}
     worker._es_offsets, offset = {}, 0
     for t in TARGETS:
         worker._es_offsets[t.param] = offset
@@ -258,6 +259,7 @@ def test_members_written_in_place_equal_each_member_built_alone(dtype, slot_rank
     assert all(a > b for old, new in zip(versions, after, strict=True) for b, a in zip(old, new, strict=True) if a != b)
     assert any(a != b for old, new in zip(versions, after, strict=True) for b, a in zip(old, new, strict=True))
     assert worker._es_slot_path == {i: path for path, i in members}
+    assert worker._es_slot_counts == {"loaded_by_vllm": 0, "written_in_place": 4, "reloaded_by_vllm": 0}
     # The merge reads this step's noise from the block the members were written from.
     held = ESWorkerExtension._es_held_factors(worker, 5, 2, pop)
     assert held(TARGETS[0], [0, 2]) is not None
@@ -273,6 +275,7 @@ def test_members_whose_slots_are_laid_out_otherwise_are_reloaded_through_vllm():
     pop = Population(size=6, rank=2, sigma=0.02)
     worker._es_write_members([(member_path(5, 2, 1, pop), 12), (member_path(5, 2, 0, pop), 9)])
     assert calls == [("remove", 12), ("add", 12), ("remove", 9), ("add", 9)]
+    assert worker._es_slot_counts["reloaded_by_vllm"] == 2 and worker._es_slot_counts["written_in_place"] == 0
 
 
 def test_an_id_vllm_activates_again_holds_the_member_it_was_registered_with_until_written():

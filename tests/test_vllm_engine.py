@@ -289,6 +289,8 @@ def test_members_go_into_slots_once_and_engine_steps_skip_adapter_activation(eng
     second = Generation(POP, seed=31, epoch=1)
     result = engine.generate_population(second, PROMPTS, GREEDY)
     assert len(loads) == loaded_first and sum(written) == written_first + 32 and activations == []
+    counts = engine.kernel_report()["slot_members"]
+    assert counts["written_in_place"] >= 32 and counts["reloaded_by_vllm"] == 0
     assert _tokens(result.completions[26:]) == _dense_population(dense, second, range(26, 32), PROMPTS)
     # A batch that needs an adapter not in a slot still takes vLLM's path (here: one new member), and
     # evicts one of the batch's ids from its slot.

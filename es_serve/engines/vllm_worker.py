@@ -228,6 +228,8 @@ class ESWorkerExtension:
         self._es_slot_path: dict[int, str] = {}
         self._es_loaded_path: dict[int, str] = {}
         self._es_slot_jobs = None  # (rank, jobs, tensors written) for es_write_drawn_slots, made once per rank
+        # Members put into slots by es_prepare, by how (the engine report's "slot_members").
+        self._es_slot_counts = {"loaded_by_vllm": 0, "written_in_place": 0, "reloaded_by_vllm": 0}
         # A partial reload is the point here: norms and embeddings are frozen, so vLLM's per-merge
         # warnings that they were "not loaded" are expected and would flood the log.
         for name in ("layerwise", "inplace"):
@@ -455,6 +457,7 @@ class ESWorkerExtension:
         stale = [(p, i) for p, i in members if self._es_slot_path.get(i) != p]
         if stale:
             self._es_write_members(stale)
+        self._es_slot_counts["loaded_by_vllm"] += len(missing)
         self._es_claim_pairs(members)
         return len(missing)
 
@@ -499,7 +502,9 @@ class ESWorkerExtension:
         for rank, by_draw in by_rank.items():
             jobs = self._es_jobs(rank)
             if jobs is None:
-                self._es_reload([(path, i) for group in by_draw.values() for path, i, _ in group])
+                reload = [(path, i) for group in by_draw.values() for path, i, _ in group]
+                self._es_reload(reload)
+                self._es_slot_counts["reloaded_by_vllm"] += len(reload)
                 continue
             table, written = jobs
             block = self._es_draw(rank, list(by_draw))
@@ -527,6 +532,7 @@ class ESWorkerExtension:
                 torch.autograd.graph.increment_version(stacked)
             for path, i in done:
                 self._es_slot_path[i] = path
+            self._es_slot_counts["written_in_place"] += len(done)
 
     def _es_jobs(self, rank: int):
         """es_write_drawn_slots' jobs for members of this rank: (int64 table, stacked tensors it writes), or
@@ -721,6 +727,7 @@ class ESWorkerExtension:
 
         out = report(self.model_runner.lora_manager._adapter_manager.punica_wrapper_mapping.values())
         out.update(member_gemm.report(getattr(self, "_es_gemm", [])))
+        out["slot_members"] = dict(getattr(self, "_es_slot_counts", {}))
         return out
 
     def es_use_kernel(self, kernel: str) -> str:

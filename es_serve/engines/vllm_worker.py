@@ -689,7 +689,12 @@ class ESWorkerExtension:
                 return None
             m, n, r = target.out_features, target.in_features, rank
             start = self._es_offsets[target.param] * r
-            z = block[index, start : start + (m + n) * r].view(len(index), m + n, r)
+            first = index[0]
+            if index == list(range(first, first + len(index))):  # the usual case: a view, not a gathered copy
+                z = block[first : first + len(index), start : start + (m + n) * r]
+            else:
+                z = block[index, start : start + (m + n) * r]
+            z = z.view(len(index), m + n, r)
             return z[:, :m], z[:, m:]
 
         return held

@@ -287,7 +287,9 @@ def test_members_go_into_slots_once_and_engine_steps_skip_adapter_activation(eng
     assert _tokens(result.completions[:6]) == _dense_population(dense, first, range(6), PROMPTS)
     # The next generation's members take the same ids: written in place, nothing registered with vLLM.
     second = Generation(POP, seed=31, epoch=1)
+    handed_out = len(engine._lora_ids)
     result = engine.generate_population(second, PROMPTS, GREEDY)
+    assert len(engine._lora_ids) == handed_out  # the table of per-member ids does not grow with generations
     assert len(loads) == loaded_first and sum(written) == written_first + 32 and activations == []
     counts = engine.kernel_report()["slot_members"]
     assert counts["written_in_place"] >= 32 and counts["reloaded_by_vllm"] == 0

@@ -115,10 +115,12 @@ class VLLMEngine:
             ignore_eos=sampling.ignore_eos,
         )
 
-    def _lora(self, gen: Generation, member: int):
+    def _lora(self, gen: Generation, member: int, lora_id: int | None = None):
         from vllm.lora.request import LoRARequest
 
         path = member_path(gen.seed, gen.epoch, member, gen.population)
+        if lora_id is not None:
+            return LoRARequest(lora_name=path, lora_int_id=lora_id, lora_path=path)
         # One id per distinct adapter: vLLM caches by id and keys prefix-cache entries by name.
         lora_id = self._lora_ids.setdefault(path, len(self._lora_ids) + 1)
         return LoRARequest(lora_name=path, lora_int_id=lora_id, lora_path=path)
@@ -161,7 +163,12 @@ class VLLMEngine:
         self, members: Sequence[tuple[Generation, int]], prompts: Sequence[str], sampling: Sampling
     ) -> PopulationResult:
         """Any mix of members (of any generations) on the same prompts, in one `generate`."""
-        return self.generate_adapters([(i, self._lora(gen, i)) for gen, i in members], prompts, sampling)
+        paths = [member_path(gen.seed, gen.epoch, i, gen.population) for gen, i in members]
+        # A batch that fits in the slots takes the slots' ids (_slot_ids): none of the per-member ids
+        # `_lora` hands out, whose table only grows, is taken for it.
+        ids = self._slot_id_map(paths) or {}
+        adapters = [(i, self._lora(gen, i, ids.get(path))) for (gen, i), path in zip(members, paths, strict=True)]
+        return self.generate_adapters(adapters, prompts, sampling)
 
     def generate_adapters(self, adapters, prompts: Sequence[str], sampling: Sampling) -> PopulationResult:
         """Each (member index, LoRARequest) on every prompt in one `generate`; rows follow `adapters`.
@@ -194,14 +201,21 @@ class VLLMEngine:
         batches (more members than slots, PEFT files) keep their ids."""
         from vllm.lora.request import LoRARequest
 
-        paths = list(dict.fromkeys(lora.lora_path for _, lora in adapters))
-        if len(paths) > self.plan.max_loras or not all(p.startswith(SCHEME) for p in paths):
+        ids = self._slot_id_map([lora.lora_path for _, lora in adapters])
+        if ids is None:
             return adapters
-        ids = {path: SLOT_IDS + k for k, path in enumerate(paths)}
         return [
             (i, LoRARequest(lora_name=lora.lora_name, lora_int_id=ids[lora.lora_path], lora_path=lora.lora_path))
             for i, lora in adapters
         ]
+
+    def _slot_id_map(self, paths: Sequence[str]) -> dict[str, int] | None:
+        """Each distinct member address of a batch to its slot id (SLOT_IDS + k in first-seen order), or
+        None when the batch does not fit in the slots or holds anything but es-serve members."""
+        distinct = list(dict.fromkeys(paths))
+        if len(distinct) > self.plan.max_loras or not all(p.startswith(SCHEME) for p in distinct):
+            return None
+        return {path: SLOT_IDS + k for k, path in enumerate(distinct)}
 
     def apply_update(
         self, gen: Generation, shaped_fitness, lr: float, scaling: str = "mean", optimizer: Optimizer | None = None

@@ -49,6 +49,17 @@ PIECES = (
     ("the step's tokens grouped by member (once per engine step)", "member_kernel.py", "update"),
 )  # fmt: skip
 
+# The same for a merge (per merge, from a profile of MERGES merges at lr 0, which run every part of one).
+MERGE_PIECES = (
+    ("merge (es_apply_update)", "vllm_worker.py", "es_apply_update"),
+    ("  of which: the update's matmul into the float32 masters", "~", "<method 'addmm_' of 'torch._C.TensorBase' objects>"),
+    ("  of which: the update's factors from the held noise", "update.py", "update_factors"),
+    ("  of which: the merged masters pushed into the model", "vllm_worker.py", "_es_push"),
+    ("    of which: cast to the model dtype", "vllm_worker.py", "_es_layer_weight"),
+    ("    of which: vLLM's GEMM rebuilt on them (its weight packing)", "utils.py", "dispatch_cpu_unquantized_gemm"),
+)  # fmt: skip
+MERGES = 3
+
 
 def _cumulative(stats: pstats.Stats, filename: str, function: str) -> float:
     # The largest, not the sum: same-named functions of one file can nest (vLLM's LRU manager's
@@ -197,6 +208,14 @@ def main(argv: list[str] | None = None) -> int:
     stats = pstats.Stats(profile)
     total = stats.total_tt
     pieces = {label: _cumulative(stats, f, fn) for label, f, fn in PIECES}
+    profile = cProfile.Profile()
+    for k in range(MERGES):
+        engine.generate_population(Generation(pop, 0, 1000 + k, 1), prompts, sampling)
+        profile.enable()
+        engine.apply_update(Generation(pop, 0, 1000 + k, 1), fitness, 0.0)
+        profile.disable()
+    stats = pstats.Stats(profile)
+    merge_pieces = {label: _cumulative(stats, f, fn) / MERGES for label, f, fn in MERGE_PIECES}
     result = {
         "command": "python -m benchmarks.profile_members " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": machine(),
@@ -210,11 +229,16 @@ def main(argv: list[str] | None = None) -> int:
         "profiled_threads": default_threads,
         "profiled_generation_s": total,
         "pieces_s": pieces,
+        "profiled_merges": MERGES,
+        "merge_pieces_s": merge_pieces,
     }
     engine.close()
     print(f"profiled member generation: {total:.2f} s ({engine.dtype}, kernel {result['kernel']})")
     for label, seconds in pieces.items():
         print(f"  {label}: {seconds:.3f} s ({100 * seconds / total:.1f} %)")
+    print(f"profiled merges ({MERGES}), per merge:")
+    for label, seconds in merge_pieces.items():
+        print(f"  {label}: {seconds:.3f} s")
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

@@ -13,6 +13,7 @@ Every method is called by name through `LLM.collective_rpc` and takes and return
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
@@ -130,6 +131,20 @@ def _write_queued_slots(module) -> None:
                 stacked[:, :, rows:, :].index_fill_(0, index, 0)
             if cols < stacked.shape[3]:
                 stacked[:, :, :rows, cols:].index_fill_(0, index, 0)
+
+
+@contextlib.contextmanager
+def _slot_writes_queued(slots):
+    """vLLM's slot writes inside the block queued per layer and written at its end (_queue_slot_writes),
+    even if an activation failed: the adapters vLLM marked active must hold their weights."""
+    queued = [m for m in slots.modules.values() if hasattr(m, "_es_slot_queue")]
+    for module in queued:
+        module._es_slot_queue = {}
+    try:
+        yield
+    finally:
+        for module in queued:
+            _write_queued_slots(module)
 
 
 def _write_slots_native(stacked: torch.Tensor, index: torch.Tensor, sources: list[torch.Tensor]) -> bool:
@@ -444,16 +459,9 @@ class ESWorkerExtension:
         if missing:
             self._es_build([path for path, i in missing if i not in slots._registered_adapters])
             resident = [(p, i) for p, i in members if i in slots._active_adapters]
-            queued = [m for m in slots.modules.values() if hasattr(m, "_es_slot_queue")]
-            for module in queued:
-                module._es_slot_queue = {}
-            try:
+            with _slot_writes_queued(slots):
                 for path, i in resident + missing:
                     manager.add_adapter(LoRARequest(lora_name=path, lora_int_id=i, lora_path=path))
-            finally:
-                # Written even if an activation failed: the adapters vLLM marked active must hold their weights.
-                for module in queued:
-                    _write_queued_slots(module)
         stale = [(p, i) for p, i in members if self._es_slot_path.get(i) != p]
         if stale:
             self._es_write_members(stale)
@@ -596,16 +604,10 @@ class ESWorkerExtension:
 
         manager = self.model_runner.lora_manager
         self._es_build([path for path, _ in members])
-        queued = [m for m in manager._adapter_manager.modules.values() if hasattr(m, "_es_slot_queue")]
-        for module in queued:
-            module._es_slot_queue = {}
-        try:
+        with _slot_writes_queued(manager._adapter_manager):
             for path, i in members:
                 manager.remove_adapter(i)
                 manager.add_adapter(LoRARequest(lora_name=path, lora_int_id=i, lora_path=path))
-        finally:
-            for module in queued:
-                _write_queued_slots(module)
 
     def _es_claim_pairs(self, members: list[tuple[str, int]]) -> None:
         """Tells the member kernel which slots now hold both members of an antithetic pair.

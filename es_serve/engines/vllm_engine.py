@@ -168,15 +168,17 @@ class VLLMEngine:
         # `_lora` hands out, whose table only grows, is taken for it.
         ids = self._slot_id_map(paths) or {}
         adapters = [(i, self._lora(gen, i, ids.get(path))) for (gen, i), path in zip(members, paths, strict=True)]
-        return self.generate_adapters(adapters, prompts, sampling)
+        return self._generate_adapters(adapters, prompts, sampling)
 
     def generate_adapters(self, adapters, prompts: Sequence[str], sampling: Sampling) -> PopulationResult:
         """Each (member index, LoRARequest) on every prompt in one `generate`; rows follow `adapters`.
 
         The index only picks the sampling seeds; the benchmark's PEFT-file baseline passes its own requests.
         """
+        return self._generate_adapters(self._slot_ids(adapters), prompts, sampling)
+
+    def _generate_adapters(self, adapters, prompts: Sequence[str], sampling: Sampling) -> PopulationResult:
         start = time.perf_counter()
-        adapters = self._slot_ids(adapters)
         # Every member is drawn and put into a slot in one call first, so vLLM's engine steps find them
         # resident; that time counts as generation time.
         self._rpc("es_prepare", [(lora.lora_path, lora.lora_int_id) for _, lora in adapters])

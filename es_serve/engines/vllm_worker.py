@@ -685,17 +685,30 @@ class ESWorkerExtension:
         if rank != pop.rank:
             return None
 
+        looked_up: dict[tuple[int, ...], tuple[list | None, slice | None]] = {}
+
+        def rows_of(draws):
+            """The block's rows of these draws (None if it lacks one), and them as a slice when consecutive;
+            worked out once per merge, not per matrix."""
+            key = tuple(draws)
+            if key not in looked_up:
+                index = [rows.get((seed, epoch, k, pop.sigma)) for k in draws]
+                if any(i is None for i in index):
+                    looked_up[key] = (None, None)
+                else:
+                    first = index[0]
+                    run = index == list(range(first, first + len(index)))
+                    looked_up[key] = (index, slice(first, first + len(index)) if run else None)
+            return looked_up[key]
+
         def held(target, draws):
-            index = [rows.get((seed, epoch, k, pop.sigma)) for k in draws]
-            if any(i is None for i in index):
+            index, run = rows_of(draws)
+            if index is None:
                 return None
             m, n, r = target.out_features, target.in_features, rank
             start = self._es_offsets[target.param] * r
-            first = index[0]
-            if index == list(range(first, first + len(index))):  # the usual case: a view, not a gathered copy
-                z = block[first : first + len(index), start : start + (m + n) * r]
-            else:
-                z = block[index, start : start + (m + n) * r]
+            # The usual case (a population's draws are the block's first rows): a view, not a gathered copy.
+            z = block[run if run is not None else index, start : start + (m + n) * r]
             z = z.view(len(index), m + n, r)
             return z[:, :m], z[:, m:]
 

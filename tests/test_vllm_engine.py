@@ -294,10 +294,10 @@ def test_members_go_into_slots_once_and_engine_steps_skip_adapter_activation(eng
     counts = engine.kernel_report()["slot_members"]
     assert counts["written_in_place"] >= 32 and counts["reloaded_by_vllm"] == 0
     assert _tokens(result.completions[26:]) == _dense_population(dense, second, range(26, 32), PROMPTS)
-    # A batch that needs an adapter not in a slot still takes vLLM's path (here: one new member), and
-    # evicts one of the batch's ids from its slot.
+    # An adapter not in a slot still takes vLLM's path, loaded and activated (here: one new member
+    # served alone), and evicts one of the batch's ids from its slot.
     engine.generate(PROMPTS[:1], GREEDY, Generation(POP, seed=32, epoch=0), 3)
-    assert activations
+    assert len(loads) == loaded_first + 1
     evicted = [k for k in range(32) if SLOT_IDS + k not in manager._adapter_manager._active_adapters]
     assert len(evicted) == 1
     # The same generation again: the evicted id is loaded anew (vLLM dropped it from its registry too) or,
@@ -346,6 +346,7 @@ def test_plain_requests_in_a_member_batch_stay_unperturbed(engines):
     engine, dense = engines
     gen = Generation(POP, seed=23, epoch=0)
     members = [engine._lora(gen, i) for i in range(len(PROMPTS))]
+    engine._rpc("es_prepare", [(m.lora_path, m.lora_int_id) for m in members])  # as every engine path does
     # Plain and member requests interleaved in one batch: vLLM marks the plain requests' tokens with
     # slot -1, which the member kernel must skip (a -1 used as an index would read the last slot).
     loras = [None, members[0], None, members[1], None, members[2], None, members[3]]
@@ -361,6 +362,36 @@ def test_plain_requests_in_a_member_batch_stay_unperturbed(engines):
         else:
             want = dense.generate([PROMPTS[j]], GREEDY, gen, k // 2)[0].token_ids
             assert completion.token_ids == want
+
+
+def test_members_served_one_by_one_reuse_a_bounded_set_of_ids_and_each_is_served_its_own(engines):
+    from es_serve.engines.vllm_worker import member_path
+
+    engine, dense = engines
+    capacity = engine.plan.max_cpu_loras
+    assert capacity <= POP.size  # one generation's members fill the table
+    first, later = Generation(POP, seed=41, epoch=0), Generation(POP, seed=41, epoch=1)
+    prompt = PROMPTS[:1]
+
+    def check(gen, member):
+        want = dense.generate(prompt, GREEDY, gen, member)[0].token_ids
+        assert engine.generate(prompt, GREEDY, gen, member)[0].token_ids == want
+        return want
+
+    for member in range(capacity):
+        engine.generate(prompt, GREEDY, first, member)
+    manager = _worker(engine).model_runner.lora_manager._adapter_manager
+    # The next new member takes the id of the least recently served one, the first generation's member 0,
+    # whose slot still holds it: the engine must write the new member over it, not serve the old one.
+    old, new = member_path(41, 0, 0, POP), member_path(41, 1, 0, POP)
+    reused = engine._lora_ids[old]
+    assert next(iter(engine._lora_ids)) == old and reused in manager._active_adapters
+    assert check(later, 0) != dense.generate(prompt, GREEDY, first, 0)[0].token_ids  # else this could not fail
+    assert engine._lora_ids[new] == reused and old not in engine._lora_ids
+    for member in range(1, 8):
+        check(later, member)
+    assert len(engine._lora_ids) == capacity and sorted(engine._lora_ids.values()) == list(range(1, capacity + 1))
+    check(first, 0)  # served long ago, back under a reused id
 
 
 # Last in this file: it leaves Adam's state in the module's engines.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,7 +21,8 @@ from .sizing import EnginePlan, plan_engine, resolve_dtype
 from .vllm_worker import SCHEME, member_path, worker_extension_name
 
 # Adapter ids of the slots a member batch is written into (see VLLMEngine._slot_ids): above any id
-# `_lora` hands out, and within int32 for any code that packs them.
+# `_lora` hands out (those stay below the engine's adapter capacity, or a batch's size), and within int32
+# for any code that packs them.
 SLOT_IDS = 1 << 30
 
 
@@ -73,7 +75,9 @@ class VLLMEngine:
             raise ValueError(f"lora_kernel must be 'es' or 'vllm', got {lora_kernel!r}")
         rows = self._rpc("es_setup", list(modules), lora_kernel)
         self.targets = [Target(layer, param.split(".")[-2], m, n, param) for param, layer, m, n in rows]
-        self._lora_ids: dict[str, int] = {}
+        # Per-member adapter ids, least recently used first: bounded (see _lora), so an engine that
+        # serves members one by one, or populations larger than its slots, for weeks does not grow it.
+        self._lora_ids: OrderedDict[str, int] = OrderedDict()
         self._salts = 0
         # Prompt tokens whose keys and values the last `generate` read from vLLM's prefix cache.
         self.last_cached_tokens = 0
@@ -115,14 +119,29 @@ class VLLMEngine:
             ignore_eos=sampling.ignore_eos,
         )
 
-    def _lora(self, gen: Generation, member: int, lora_id: int | None = None):
+    def _lora(self, gen: Generation, member: int, lora_id: int | None = None, batch: frozenset = frozenset()):
+        """The member's LoRARequest, under `lora_id` or an id of the engine's own.
+
+        Own ids: one per member address while the address is among the `max_cpu_loras` most recently
+        served (what vLLM's registry can hold); a new address then takes the id of the least recently
+        served one not in its `batch`. An id vLLM still holds under its old member is written over by
+        es_prepare before the generate, which every path through the engine calls. Names stay the
+        members' addresses, which is what vLLM keys its prefix cache by.
+        """
         from vllm.lora.request import LoRARequest
 
         path = member_path(gen.seed, gen.epoch, member, gen.population)
-        if lora_id is not None:
-            return LoRARequest(lora_name=path, lora_int_id=lora_id, lora_path=path)
-        # One id per distinct adapter: vLLM caches by id and keys prefix-cache entries by name.
-        lora_id = self._lora_ids.setdefault(path, len(self._lora_ids) + 1)
+        if lora_id is None:
+            lora_id = self._lora_ids.get(path)
+            if lora_id is not None:
+                self._lora_ids.move_to_end(path)
+            else:
+                oldest = next(iter(self._lora_ids), None)
+                if len(self._lora_ids) >= self.plan.max_cpu_loras and oldest not in batch:
+                    lora_id = self._lora_ids.pop(oldest)
+                else:  # still filling, or a batch larger than the capacity: the ids stay 1 .. len
+                    lora_id = len(self._lora_ids) + 1
+                self._lora_ids[path] = lora_id
         return LoRARequest(lora_name=path, lora_int_id=lora_id, lora_path=path)
 
     def _run(self, requests, params, loras) -> tuple[list[Completion], float]:
@@ -152,7 +171,11 @@ class VLLMEngine:
                 self._salts += 1
                 request["cache_salt"] = f"es-request-{self._salts}"
         params = [self._params(sampling, member or 0, j) for j in range(len(prompts))]
-        loras = None if gen is None else [self._lora(gen, member)] * len(prompts)
+        loras = None
+        if gen is not None:
+            lora = self._lora(gen, member)
+            self._rpc("es_prepare", [(lora.lora_path, lora.lora_int_id)])  # its id may hold an older member
+            loras = [lora] * len(prompts)
         return self._run(requests, params, loras)[0]
 
     def generate_population(self, gen: Generation, prompts: Sequence[str], sampling: Sampling) -> PopulationResult:
@@ -166,8 +189,10 @@ class VLLMEngine:
         paths = [member_path(gen.seed, gen.epoch, i, gen.population) for gen, i in members]
         # A batch that fits in the slots takes the slots' ids (_slot_ids): none of the per-member ids
         # `_lora` hands out, whose table only grows, is taken for it.
-        ids = self._slot_id_map(paths) or {}
-        adapters = [(i, self._lora(gen, i, ids.get(path))) for (gen, i), path in zip(members, paths, strict=True)]
+        ids, batch = self._slot_id_map(paths) or {}, frozenset(paths)
+        adapters = [
+            (i, self._lora(gen, i, ids.get(path), batch)) for (gen, i), path in zip(members, paths, strict=True)
+        ]
         return self._generate_adapters(adapters, prompts, sampling)
 
     def generate_adapters(self, adapters, prompts: Sequence[str], sampling: Sampling) -> PopulationResult:

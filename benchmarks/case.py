@@ -18,7 +18,8 @@ machine hits all of them alike:
 Every request generates exactly max_tokens (EOS ignored), so all rates count the same tokens.
 (b)-(d) do strictly more work than (a) on the same engine; a method whose median beats every pure
 run, or a case whose pure runs (a) disagree by more than PURE_SPREAD_MAX, is a broken
-measurement and is reported as such (see `flag_broken`), never as a ratio.
+measurement and is reported as such (see `flag_broken`), never as a ratio. Beside each ratio of medians,
+the spread of the repeats' own ratios (`repeat_ratios`) says what one run could resolve.
 """
 
 from __future__ import annotations
@@ -59,6 +60,19 @@ def flag_broken(method: list[float], pure: list[float]) -> str | None:
             f"(max {max(pure):.0f}) on the same engine: the engine or the machine changed between runs"
         )
     return None
+
+
+def repeat_ratios(method: list[float], pure: list[float]) -> dict | None:
+    """Each repeat's run of a method over the pure run of the same repeat, as a spread.
+
+    The headline ratio is of medians; these show how far single repeats stray from it, i.e. what one
+    run of the bench can resolve on this machine. A pure run and the method's run of one repeat lie
+    seconds apart, so load that drifts over minutes shifts both alike. None when the counts differ
+    (naive ES times a few members, not one per repeat).
+    """
+    if len(method) != len(pure) or not method:
+        return None
+    return spread([m / p for m, p in zip(method, pure, strict=True)])
 
 
 def pure_baseline(method: str, gemm: str, pure: list[float], pure_stock: list[float]) -> list[float]:
@@ -254,6 +268,8 @@ def run_case(spec: dict) -> dict:
     def ratio(name):
         return None if name in broken else statistics.median(methods[name]) / statistics.median(pure_of[name])
 
+    per_repeat = {name: repeat_ratios(methods[name], pure_of[name]) for name in methods if name not in broken}
+
     return {
         **{k: spec[k] for k in ("population", "rank", "prompts", "max_tokens", "repeats")},
         "threads": ran_on["torch_threads"],
@@ -285,6 +301,7 @@ def run_case(spec: dict) -> dict:
         "first_merge_seconds": first_merge,
         "ratio_peft_files_step": ratio("peft_files_step"),
         "ratio_naive_full_rank": ratio("naive_full_rank"),
+        "ratio_per_repeat": {name: runs for name, runs in per_repeat.items() if runs is not None},
         "broken": broken,
         "memory": {
             **memory,

@@ -1,8 +1,8 @@
 """`es-serve bench`: ES training throughput as a share of pure inference, beside the peers' ways.
 
 Each (N, r) runs in its own process on one engine (benchmarks/case.py says what is measured and how).
-The ratios are of medians over interleaved repeats; the JSON keeps every run so the spread can be
-read, and records the dtype, CPU, threads, versions and the LoRA path that really ran.
+The ratios are of medians over interleaved repeats, shown with the spread of the repeats' own ratios;
+the JSON keeps every run, and records the dtype, CPU, threads, versions and the LoRA path that really ran.
 
     es-serve bench --population 8 32 --rank 1 --prompts 4 --max-tokens 64 --json benchmarks/results/throughput.json
 
@@ -103,19 +103,22 @@ def table(results: list[dict]) -> str:
     def cell(s):
         return f"{s['median']:.0f} ({s['min']:.0f}-{s['max']:.0f})"
 
-    def ratio(x):
-        return "broken" if x is None else f"{x:.2f}"
+    def ratio(x, runs=None):
+        if x is None:
+            return "broken"
+        return f"{x:.2f}" if runs is None else f"{x:.2f} ({runs['min']:.2f}-{runs['max']:.2f})"
 
     def share(x):
         return "broken" if x is None else f"{100 * x:.1f} %"
 
     notes = []
     for r in results:
-        base, mem = r["baselines"], r["memory"]
+        base, mem, runs = r["baselines"], r["memory"], r.get("ratio_per_repeat", {})
         lines.append(
             f"| {r['population']} | {r['rank']} | {r.get('threads', '?')} | {cell(r['pure_tok_s'])} "
-            f"| {cell(r['es_gen_tok_s'])} | {cell(r['es_step_tok_s'])} | {ratio(r['ratio_generation'])} "
-            f"| {share(r.get('lora_share'))} | {ratio(r['ratio_step'])} "
+            f"| {cell(r['es_gen_tok_s'])} | {cell(r['es_step_tok_s'])} "
+            f"| {ratio(r['ratio_generation'], runs.get('generation'))} "
+            f"| {share(r.get('lora_share'))} | {ratio(r['ratio_step'], runs.get('step'))} "
             f"| {base['peft_files_step_tok_s']['median']:.0f} ({ratio(r['ratio_peft_files_step'])}) "
             f"| {base['naive_full_rank_tok_s']['median']:.0f} ({ratio(r['ratio_naive_full_rank'])}) "
             f"| {mem['member_cache_bytes'] / 2**20:.2f} | {mem['peak_rss_bytes'] / 2**30:.2f} |"
@@ -139,6 +142,10 @@ def table(results: list[dict]) -> str:
                 f"pure inference sharing the repeated prompts ran at {r['pure_shared_prefixes_tok_s']:.0f} tok/s "
                 f"with {hits['pure_shared_prefixes']} cached"
             )
+    notes.append(
+        "- ratio gen, ratio step: of the medians; in brackets the lowest and highest of the repeats' own ratios, "
+        "each run over the pure run of its repeat (what one run resolves on this machine)"
+    )
     notes.append(
         "- LoRA share: the fraction of member generation's time spent on top of pure inference, "
         "1 - t_pure / t_generation (1 - ratio gen); threads: torch's compute threads in the engine's process"
@@ -196,7 +203,11 @@ def plot(results: list[dict], path: Path) -> None:
         ]:
             values = [_nan(r[key]) for r in rows]
             if any(v == v for v in values):  # a series of broken measurements is not drawn at all
-                ax.plot(ns, values, marker=marker, label=f"{label}{tag}")
+                # Bars: the lowest and highest of the repeats' own ratios, where the JSON has them.
+                runs = [r.get("ratio_per_repeat", {}).get(key.removeprefix("ratio_")) for r in rows]
+                low = [max(0.0, v - x["min"]) if x and v == v else 0.0 for v, x in zip(values, runs, strict=True)]
+                high = [max(0.0, x["max"] - v) if x and v == v else 0.0 for v, x in zip(values, runs, strict=True)]
+                ax.errorbar(ns, values, yerr=[low, high], marker=marker, capsize=3, label=f"{label}{tag}")
                 drawn += 1
         mx.plot(ns, [r["memory"]["member_cache_bytes"] / 2**20 for r in rows], marker="o", label=f"member factors{tag}")
         mx.plot(ns, [r["memory"]["lora_slot_bytes"] / 2**20 for r in rows], marker="s", label=f"vLLM LoRA slots{tag}")

@@ -45,6 +45,16 @@ def test_bench_writes_ratios_baselines_table_and_plot(tiny_model_dir, tmp_path):
         else:
             assert row[key] == pytest.approx(row[rate]["median"] / row["pure_tok_s"]["median"])
     assert data["ratio_generation"] == row["ratio_generation"] and data["ratio_step"] == row["ratio_step"]
+    # Beside each ratio, every repeat's own: its run over the pure run of the same repeat.
+    for name, rate in [("generation", "es_gen_tok_s"), ("step", "es_step_tok_s")]:
+        if name not in row["broken"]:
+            want = [m / p for m, p in zip(row[rate]["runs"], row["pure_tok_s"]["runs"], strict=True)]
+            assert row["ratio_per_repeat"][name]["runs"] == pytest.approx(want)
+            runs = row["ratio_per_repeat"][name]
+            assert (
+                f"{row['ratio_' + name]:.2f} ({runs['min']:.2f}-{runs['max']:.2f})"
+                in out.with_suffix(".md").read_text()
+            )
     # Members cost r (m + n) numbers per matrix, kept in the model's dtype, and the two members of an
     # antithetic pair hold one copy of A's side (r n, n the matrix's input width): the cached factors
     # are exactly that, no more. Input widths by hand from the tiny model's config: q, k, v, o, gate
@@ -87,6 +97,16 @@ def test_a_baseline_faster_than_pure_inference_is_flagged_not_reported():
     # Pure inference itself all over the place (measured on a loaded machine): nothing is compared.
     why = flag_broken([124.0], [40.0, 68.0, 337.0])
     assert "range from 40 to 337 tok/s" in why
+
+
+def test_repeat_ratios_pair_each_run_with_the_pure_run_of_its_repeat():
+    from benchmarks.case import repeat_ratios
+
+    # By hand: 90 / 100, 100 / 125, 120 / 120.
+    got = repeat_ratios([90.0, 100.0, 120.0], [100.0, 125.0, 120.0])
+    assert got["runs"] == pytest.approx([0.9, 0.8, 1.0])
+    assert (got["median"], got["min"], got["max"]) == pytest.approx((0.9, 0.8, 1.0))
+    assert repeat_ratios([60.0], [100.0, 120.0]) is None  # naive ES: a few members, not one run per repeat
 
 
 def test_peft_files_are_measured_against_pure_inference_on_their_own_gemm():

@@ -13,7 +13,9 @@ long putting the members into slots took (part of the member generation), the ke
 its layer plans' re-reading after the slots were written (the kernel's counters), the time of the
 per-layer LoRA calls around the kernel (the Python each call costs), and the merge that
 follows it (fitness +1 / -1 by member, lr 0, so the weights do not move and every repeat merges the
-same amount of work).
+same amount of work). With each repeat goes the ceiling of its generation ratio set by the bytes members
+add to every decode step at this machine's read rate, alone and with that repeat's time into slots
+(`benchmarks/ceiling.py` says why it bounds any kernel on the default path).
 
     python -m benchmarks.profile_members --dtype bfloat16 --threads 1 2 --json benchmarks/results/profile_members.json
     python -m benchmarks.profile_members --dtype bfloat16 --rank 4 --json benchmarks/results/profile_members_r4.json
@@ -125,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from adapters import Population
+    from benchmarks import ceiling
     from benchmarks.throughput import machine
     from es_serve.engines.vllm_engine import VLLMEngine
     from es_serve.models import resolve_model
@@ -148,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     sampling = Sampling(max_tokens=args.max_tokens, ignore_eos=True)
     engine.generate(prompts * pop.size, sampling)  # warm-up
     engine.llm.collective_rpc(time_layer_calls, args=(pop.size * args.prompts,))
+    shapes = engine.llm.collective_rpc(ceiling.trained_shapes)[0]
+    element_size = torch.empty(0, dtype=getattr(torch, engine.dtype)).element_size()
+    step_bytes = ceiling.member_bytes_per_step(shapes, pop.draws, pop.rank, element_size)
     default_threads = torch.get_num_threads()
     epoch = 1000
     by_threads = {}
@@ -158,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
         engine.generate_population(Generation(pop, 0, epoch, 1), prompts, sampling)  # warm-up at this count
         engine.apply_update(Generation(pop, 0, epoch, 1), fitness, 0.0)  # an engine's first merge plans, once
         epoch += 1
+        rate = ceiling.read_rate(threads)
+        floor = ceiling.floor_seconds(step_bytes, args.max_tokens, rate)
         runs = []
         for rep in range(args.repeats):
             # Interleaved, and every member generation in a new noise epoch, as in training.
@@ -184,21 +192,26 @@ def main(argv: list[str] | None = None) -> int:
                 {"pure_s": pure, "members_s": members, "ratio": pure / members, "kernel_s": kernel,
                  "kernel_share": kernel / members, "plans_s": plans, "prepare_s": prep, "merge_s": merge,
                  "layer_calls": calls, "layer_calls_s": layer_s, "layer_calls_prefill_s": prefill_s,
-                 "outside_kernel_us_per_call": outside_us}
+                 "outside_kernel_us_per_call": outside_us, "ceiling_bytes": ceiling.ratio_ceiling(pure, floor),
+                 "ceiling_bytes_slots": ceiling.ratio_ceiling(pure, floor, prep)}
             )  # fmt: skip
             print(
                 f"{threads} thread(s), repeat {rep + 1}: pure {pure:.2f} s, members {members:.2f} s, "
                 f"ratio {pure / members:.3f}, member kernel {kernel:.3f} s ({100 * kernel / members:.1f} %), "
                 f"layer plans re-read {plans:.3f} s, into slots {prep:.3f} s, merge {merge:.3f} s, "
                 f"layer calls {layer_s:.3f} s (prefill {prefill_s:.3f} s; "
-                f"{outside_us or 0.0:.1f} us each outside the kernel)",
+                f"{outside_us or 0.0:.1f} us each outside the kernel); ceiling from the members' bytes "
+                f"{ceiling.ratio_ceiling(pure, floor):.3f}, with the slots {ceiling.ratio_ceiling(pure, floor, prep):.3f}",
                 flush=True,
             )
         by_threads[str(threads)] = {
+            "read_rate_gbs": rate / 1e9,
+            "member_floor_s": floor,
             "runs": runs,
             **{f"{key}_median": statistics.median(r[key] for r in runs)
                for key in ("ratio", "kernel_share", "kernel_s", "plans_s", "prepare_s", "merge_s", "layer_calls_s",
-                           "layer_calls_prefill_s", "outside_kernel_us_per_call")},
+                           "layer_calls_prefill_s", "outside_kernel_us_per_call", "ceiling_bytes",
+                           "ceiling_bytes_slots")},
         }  # fmt: skip
     torch.set_num_threads(default_threads)
     profile = cProfile.Profile()
@@ -226,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         "prompts": args.prompts,
         "max_tokens": args.max_tokens,
         "threads": by_threads,
+        "member_bytes_per_step": step_bytes,
         "profiled_threads": default_threads,
         "profiled_generation_s": total,
         "pieces_s": pieces,

@@ -193,3 +193,54 @@ def test_cpu_lists_are_written_as_vllm_reads_them():
     assert cpu_list([0]) == "0"
     assert cpu_list([0, 1]) == "0-1"
     assert cpu_list([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
+
+
+def test_members_bytes_per_step_count_each_draws_rows_once_per_trained_matrix():
+    from types import SimpleNamespace
+
+    import torch
+
+    from adapters.targets import find_targets
+    from benchmarks import ceiling
+
+    # One SmolLM2-135M decoder layer, counted by hand: q, k, v, o, gate, up, down.
+    layer = {
+        "q_proj": (576, 576), "k_proj": (192, 576), "v_proj": (192, 576), "o_proj": (576, 576),
+        "gate_proj": (1536, 576), "up_proj": (1536, 576), "down_proj": (576, 1536),
+    }  # fmt: skip
+    params = {}
+    for i in range(30):
+        for module, shape in layer.items():
+            kind = "self_attn" if module[0] in "qkvo" else "mlp"
+            params[f"model.layers.{i}.{kind}.{module}.weight"] = torch.empty(shape, device="meta")
+    worker = SimpleNamespace(_es_targets=find_targets(params, list(layer)))
+    shapes = ceiling.trained_shapes(worker)
+    # (1152 + 768 + 768 + 1152 + 2112 + 2112 + 2112) = 10,176 per layer, 305,280 over 30 layers;
+    # 16 pairs x rank 4 x 2 bytes of bfloat16: the 39 MB per decode step the README works out.
+    assert sum(m + n for m, n in shapes) == 305_280
+    assert ceiling.member_bytes_per_step(shapes, 16, 4, 2) == 39_075_840
+    with pytest.raises(ValueError, match="draws, rank and element_size"):
+        ceiling.member_bytes_per_step(shapes, 0, 4, 2)
+
+
+def test_ceiling_is_pure_over_pure_plus_what_members_add_at_least():
+    from benchmarks import ceiling
+
+    # 39,075,840 bytes per step for 64 steps at 15 GB/s: 0.16672... s.
+    floor = ceiling.floor_seconds(39_075_840, 64, 15e9)
+    assert floor == pytest.approx(0.166723584)
+    assert ceiling.ratio_ceiling(5.0, floor) == pytest.approx(5.0 / 5.166723584)
+    assert ceiling.ratio_ceiling(5.0, 0.1, 0.05) == pytest.approx(5.0 / 5.15)
+    assert ceiling.ratio_ceiling(5.0) == 1.0
+
+
+def test_read_rate_is_a_plausible_memory_rate_and_leaves_torchs_threads_as_they_were():
+    import torch
+
+    from benchmarks import ceiling
+
+    before = torch.get_num_threads()
+    rate = ceiling.read_rate(1, mib=64, repeats=3)
+    assert torch.get_num_threads() == before
+    # Any machine this runs on streams between 0.1 GB/s and 10 TB/s; outside that the timing is wrong.
+    assert 1e8 < rate < 1e13

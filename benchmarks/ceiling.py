@@ -1,0 +1,60 @@
+"""How high a member generation's ratio to pure inference can go on this machine, from the bytes members add.
+
+Every decode step of a member generation reads each noise draw's factors, r (m + n) numbers per trained
+matrix (a pair's two members share them), on top of the model's weights. Those rows do not stay in cache
+between steps: the step's pass over the weights (hundreds of MB) evicts them. On the default path the
+member term runs as its own pass after vLLM's GEMM, so reading them cannot overlap the GEMM, and no
+kernel can take less time than reading them at the rate this machine streams memory. So
+
+    generation >= pure + max_tokens * member bytes per step / read rate (+ putting members into slots)
+
+and pure / that is a ceiling for the generation ratio whatever the kernel does. The read rate is
+measured here (torch's sum over a buffer larger than any cache, the thread count of the run), as no
+library reports it; the bytes are counted from the trained matrices' shapes.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+
+def member_bytes_per_step(shapes, draws: int, rank: int, element_size: int) -> int:
+    """Bytes of member factors one decode step reads: r (m + n) per trained (m, n) matrix and draw."""
+    if draws < 1 or rank < 1 or element_size < 1:
+        raise ValueError(f"draws, rank and element_size must be >= 1, got {draws}, {rank}, {element_size}")
+    return draws * rank * element_size * sum(m + n for m, n in shapes)
+
+
+def read_rate(threads: int, mib: int = 512, repeats: int = 5) -> float:
+    """Bytes per second a streaming read gets here on `threads` threads (median of `repeats` passes)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        buffer = torch.ones(mib * 2**20 // 4, dtype=torch.float32)
+        buffer.sum()  # pages touched and threads started before timing
+        seconds = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            buffer.sum()
+            seconds.append(time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(before)
+    return buffer.nbytes / statistics.median(seconds)
+
+
+def floor_seconds(bytes_per_step: int, steps: int, rate: float) -> float:
+    """The least time reading the members' bytes adds to a generation of `steps` decode steps."""
+    return bytes_per_step * steps / rate
+
+
+def ratio_ceiling(pure_s: float, *added_s: float) -> float:
+    """pure / (pure + what members add at least)."""
+    return pure_s / (pure_s + sum(added_s))
+
+
+def trained_shapes(worker) -> list[tuple[int, int]]:
+    """The (m, n) of every trained matrix an engine's worker merges into (run there by collective_rpc)."""
+    return [(t.out_features, t.in_features) for t in worker._es_targets]

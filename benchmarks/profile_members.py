@@ -15,7 +15,9 @@ per-layer LoRA calls around the kernel (the Python each call costs), and the mer
 follows it (fitness +1 / -1 by member, lr 0, so the weights do not move and every repeat merges the
 same amount of work). With each repeat goes the ceiling of its generation ratio set by the bytes members
 add to every decode step at this machine's read rate, alone and with that repeat's time into slots
-(`benchmarks/ceiling.py` says why it bounds any kernel on the default path).
+(`benchmarks/ceiling.py` says why it bounds any kernel on the default path), and the step's ceiling,
+which adds the merge's pieces every merge into the base weights runs (the update's float32 matmul, the
+model's GEMM rebuilt on the merged weights; their profiled time per merge).
 
     python -m benchmarks.profile_members --dtype bfloat16 --threads 1 2 --json benchmarks/results/profile_members.json
     python -m benchmarks.profile_members --dtype bfloat16 --rank 4 --json benchmarks/results/profile_members_r4.json
@@ -61,6 +63,8 @@ MERGE_PIECES = (
     ("    of which: vLLM's GEMM rebuilt on them (its weight packing)", "utils.py", "dispatch_cpu_unquantized_gemm"),
 )  # fmt: skip
 MERGES = 3
+# The merge's pieces no merge can skip: the update's matmul and the model's GEMM rebuilt on its weights.
+MERGE_FLOOR = (MERGE_PIECES[1][0], MERGE_PIECES[5][0])
 
 
 def _cumulative(stats: pstats.Stats, filename: str, function: str) -> float:
@@ -229,6 +233,15 @@ def main(argv: list[str] | None = None) -> int:
         profile.disable()
     stats = pstats.Stats(profile)
     merge_pieces = {label: _cumulative(stats, f, fn) / MERGES for label, f, fn in MERGE_PIECES}
+    # A step also merges: at least the update's float32 matmul and vLLM's GEMM rebuilt on the new
+    # weights, which every merge into the base weights runs whatever the rest of it costs.
+    merge_floor = sum(merge_pieces[label] for label in MERGE_FLOOR)
+    for entry in by_threads.values():
+        entry["merge_floor_s"] = merge_floor
+        entry["ceiling_step_median"] = statistics.median(
+            ceiling.ratio_ceiling(r["pure_s"], entry["member_floor_s"], r["prepare_s"], merge_floor)
+            for r in entry["runs"]
+        )
     result = {
         "command": "python -m benchmarks.profile_members " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": machine(),
@@ -253,6 +266,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"profiled merges ({MERGES}), per merge:")
     for label, seconds in merge_pieces.items():
         print(f"  {label}: {seconds:.3f} s")
+    for threads, entry in by_threads.items():
+        print(
+            f"ceilings at {threads} thread(s), {step_bytes / 1e6:.1f} MB of members per decode step read at "
+            f"{entry['read_rate_gbs']:.1f} GB/s: generation {entry['ceiling_bytes_median']:.3f} (with the slots "
+            f"{entry['ceiling_bytes_slots_median']:.3f}), step {entry['ceiling_step_median']:.3f} "
+            f"(measured generation ratio {entry['ratio_median']:.3f})"
+        )
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

@@ -168,10 +168,12 @@ def main(argv: list[str] | None = None) -> int:
         engine.generate_population(Generation(pop, 0, epoch, 1), prompts, sampling)  # warm-up at this count
         engine.apply_update(Generation(pop, 0, epoch, 1), fitness, 0.0)  # an engine's first merge plans, once
         epoch += 1
-        rate = ceiling.read_rate(threads)
-        floor = ceiling.floor_seconds(step_bytes, args.max_tokens, rate)
         runs = []
         for rep in range(args.repeats):
+            # The read rate with each repeat: on a shared machine it moves between minutes as much as
+            # the generations do.
+            rate = ceiling.read_rate(threads)
+            floor = ceiling.floor_seconds(step_bytes, args.max_tokens, rate)
             # Interleaved, and every member generation in a new noise epoch, as in training.
             t = time.perf_counter()
             engine.generate(prompts * pop.size, sampling, share_prefixes=False)
@@ -196,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
                 {"pure_s": pure, "members_s": members, "ratio": pure / members, "kernel_s": kernel,
                  "kernel_share": kernel / members, "plans_s": plans, "prepare_s": prep, "merge_s": merge,
                  "layer_calls": calls, "layer_calls_s": layer_s, "layer_calls_prefill_s": prefill_s,
-                 "outside_kernel_us_per_call": outside_us, "ceiling_bytes": ceiling.ratio_ceiling(pure, floor),
+                 "outside_kernel_us_per_call": outside_us, "read_rate_gbs": rate / 1e9,
+                 "member_floor_s": floor, "ceiling_bytes": ceiling.ratio_ceiling(pure, floor),
                  "ceiling_bytes_slots": ceiling.ratio_ceiling(pure, floor, prep)}
             )  # fmt: skip
             print(
@@ -209,12 +212,11 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
         by_threads[str(threads)] = {
-            "read_rate_gbs": rate / 1e9,
-            "member_floor_s": floor,
             "runs": runs,
             **{f"{key}_median": statistics.median(r[key] for r in runs)
                for key in ("ratio", "kernel_share", "kernel_s", "plans_s", "prepare_s", "merge_s", "layer_calls_s",
-                           "layer_calls_prefill_s", "outside_kernel_us_per_call", "ceiling_bytes",
+                           "layer_calls_prefill_s", "outside_kernel_us_per_call", "read_rate_gbs", "member_floor_s",
+                           "ceiling_bytes",
                            "ceiling_bytes_slots")},
         }  # fmt: skip
     torch.set_num_threads(default_threads)
@@ -239,8 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     for entry in by_threads.values():
         entry["merge_floor_s"] = merge_floor
         entry["ceiling_step_median"] = statistics.median(
-            ceiling.ratio_ceiling(r["pure_s"], entry["member_floor_s"], r["prepare_s"], merge_floor)
-            for r in entry["runs"]
+            ceiling.ratio_ceiling(r["pure_s"], r["member_floor_s"], r["prepare_s"], merge_floor) for r in entry["runs"]
         )
     result = {
         "command": "python -m benchmarks.profile_members " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -269,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     for threads, entry in by_threads.items():
         print(
             f"ceilings at {threads} thread(s), {step_bytes / 1e6:.1f} MB of members per decode step read at "
-            f"{entry['read_rate_gbs']:.1f} GB/s: generation {entry['ceiling_bytes_median']:.3f} (with the slots "
+            f"{entry['read_rate_gbs_median']:.1f} GB/s (medians): generation {entry['ceiling_bytes_median']:.3f} (with the slots "
             f"{entry['ceiling_bytes_slots_median']:.3f}), step {entry['ceiling_step_median']:.3f} "
             f"(measured generation ratio {entry['ratio_median']:.3f})"
         )

@@ -146,6 +146,7 @@ def run_case(spec: dict) -> dict:
     from es_serve.types import Generation, Sampling
     from rewards import get_task, load_reward
 
+    from .ceiling import floor_seconds, member_bytes_per_step, ratio_ceiling, read_rate
     from .peers import PeftFileStep, naive_member
 
     n, rank, p, tokens = spec["population"], spec["rank"], spec["prompts"], spec["max_tokens"]
@@ -225,8 +226,9 @@ def run_case(spec: dict) -> dict:
     engine.apply_update(Generation(pop, 7, 10**6), [(-1.0) ** i for i in range(n)], 0.0)
     first_merge = time.perf_counter() - start
 
-    a, a_stock, b, c, d_step, d_gen = [], [], [], [], [], []
+    a, a_stock, b, c, d_step, d_gen, rates = [], [], [], [], [], [], []
     for r in range(spec["repeats"]):
+        rates.append(read_rate(ran_on["torch_threads"]))  # with each repeat: the machine moves between them
         a.append(pure())
         b.append(es_generation(r))
         c.append(es_step())
@@ -269,6 +271,17 @@ def run_case(spec: dict) -> dict:
         return None if name in broken else statistics.median(methods[name]) / statistics.median(pure_of[name])
 
     per_repeat = {name: repeat_ratios(methods[name], pure_of[name]) for name in methods if name not in broken}
+    # How high the generation ratio can go here whatever the kernel does (benchmarks/ceiling.py): each
+    # repeat's pure run against the time its decode steps need to read the members' bytes at that
+    # repeat's read rate. Every request generates exactly `tokens` tokens (EOS ignored).
+    element_size = {"float32": 4, "bfloat16": 2, "float16": 2}[engine.dtype]
+    step_bytes = member_bytes_per_step(
+        [(t.out_features, t.in_features) for t in targets], pop.draws, rank, element_size
+    )
+    ceilings = [
+        ratio_ceiling(n * p * tokens / rate_a, floor_seconds(step_bytes, tokens, rate))
+        for rate_a, rate in zip(a, rates, strict=True)
+    ]
 
     return {
         **{k: spec[k] for k in ("population", "rank", "prompts", "max_tokens", "repeats")},
@@ -302,6 +315,9 @@ def run_case(spec: dict) -> dict:
         "ratio_peft_files_step": ratio("peft_files_step"),
         "ratio_naive_full_rank": ratio("naive_full_rank"),
         "ratio_per_repeat": {name: runs for name, runs in per_repeat.items() if runs is not None},
+        "ceiling_generation": spread(ceilings),
+        "member_bytes_per_step": step_bytes,
+        "read_rate_gbs": spread([rate / 1e9 for rate in rates]),
         "broken": broken,
         "memory": {
             **memory,

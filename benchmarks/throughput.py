@@ -3,6 +3,8 @@
 Each (N, r) runs in its own process on one engine (benchmarks/case.py says what is measured and how).
 The ratios are of medians over interleaved repeats, shown with the spread of the repeats' own ratios;
 the JSON keeps every run, and records the dtype, CPU, threads, versions and the LoRA path that really ran.
+With each (N, r) goes the highest generation ratio the members' bytes allow on the machine it ran on
+(benchmarks/ceiling.py), so a grid from another CPU says how far its targets are within reach there.
 
     es-serve bench --population 8 32 --rank 1 --prompts 4 --max-tokens 64 --json benchmarks/results/throughput.json
 
@@ -133,6 +135,13 @@ def table(results: list[dict]) -> str:
                 f"- N={r['population']} r={r['rank']}: trained layers on the {r['gemm']} GEMM (pure inference and "
                 f"members alike); pure inference on vLLM's own GEMM ran at {cell(stock)} tok/s, against which "
                 "the PEFT-file ratio is taken"
+            )
+        cap = r.get("ceiling_generation")
+        if cap:
+            notes.append(
+                f"- N={r['population']} r={r['rank']}: the members' bytes, {r['member_bytes_per_step'] / 1e6:.1f} MB "
+                f"per decode step read at {r['read_rate_gbs']['median']:.1f} GB/s, cap ratio gen at "
+                f"{cap['median']:.3f} ({cap['min']:.3f}-{cap['max']:.3f}) here, whatever the kernel does"
             )
         hits = r.get("prefix_cache_hit_tokens")
         if hits:

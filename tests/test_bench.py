@@ -55,6 +55,17 @@ def test_bench_writes_ratios_baselines_table_and_plot(tiny_model_dir, tmp_path):
                 f"{row['ratio_' + name]:.2f} ({runs['min']:.2f}-{runs['max']:.2f})"
                 in out.with_suffix(".md").read_text()
             )
+    # The ceiling of each repeat: its pure run's time against 4 decode steps reading every draw's
+    # r (m + n) numbers per matrix (2 pairs here) at the read rate measured with that repeat.
+    elem = {"float32": 4, "bfloat16": 2}[dtype]
+    assert row["member_bytes_per_step"] == 2 * row["memory"]["numbers_per_member"] * elem
+    want = []
+    for pure_rate, gbs in zip(row["pure_tok_s"]["runs"], row["read_rate_gbs"]["runs"], strict=True):
+        seconds = 4 * 2 * 4 / pure_rate  # N x P requests of 4 tokens each
+        want.append(seconds / (seconds + row["member_bytes_per_step"] * 4 / (gbs * 1e9)))
+    assert row["ceiling_generation"]["runs"] == pytest.approx(want)
+    assert all(0 < c < 1 for c in want)
+    assert f"cap ratio gen at {row['ceiling_generation']['median']:.3f}" in out.with_suffix(".md").read_text()
     # Members cost r (m + n) numbers per matrix, kept in the model's dtype, and the two members of an
     # antithetic pair hold one copy of A's side (r n, n the matrix's input width): the cached factors
     # are exactly that, no more. Input widths by hand from the tiny model's config: q, k, v, o, gate

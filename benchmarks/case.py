@@ -274,10 +274,7 @@ def run_case(spec: dict) -> dict:
     # How high the generation ratio can go here whatever the kernel does (benchmarks/ceiling.py): each
     # repeat's pure run against the time its decode steps need to read the members' bytes at that
     # repeat's read rate. Every request generates exactly `tokens` tokens (EOS ignored).
-    element_size = {"float32": 4, "bfloat16": 2, "float16": 2}[engine.dtype]
-    step_bytes = member_bytes_per_step(
-        [(t.out_features, t.in_features) for t in targets], pop.draws, rank, element_size
-    )
+    step_bytes = member_bytes_per_step(targets, pop.draws, rank, engine.dtype)
     ceilings = [
         ratio_ceiling(n * p * tokens / rate_a, floor_seconds(step_bytes, tokens, rate))
         for rate_a, rate in zip(a, rates, strict=True)

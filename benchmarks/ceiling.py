@@ -10,7 +10,7 @@ kernel can take less time than reading them at the rate this machine streams mem
 
 and pure / that is a ceiling for the generation ratio whatever the kernel does. The read rate is
 measured here (torch's sum over a buffer larger than any cache, the thread count of the run), as no
-library reports it; the bytes are counted from the trained matrices' shapes.
+library reports it; the bytes are counted from the engine's trained matrices.
 """
 
 from __future__ import annotations
@@ -19,11 +19,15 @@ import statistics
 import time
 
 
-def member_bytes_per_step(shapes, draws: int, rank: int, element_size: int) -> int:
-    """Bytes of member factors one decode step reads: r (m + n) per trained (m, n) matrix and draw."""
-    if draws < 1 or rank < 1 or element_size < 1:
-        raise ValueError(f"draws, rank and element_size must be >= 1, got {draws}, {rank}, {element_size}")
-    return draws * rank * element_size * sum(m + n for m, n in shapes)
+def member_bytes_per_step(targets, draws: int, rank: int, dtype: str) -> int:
+    """Bytes of member factors one decode step reads: r (m + n) per trained (m, n) matrix and draw, in the
+    engine's dtype (`targets`: the engine's, each with out_features m and in_features n)."""
+    import torch
+
+    if draws < 1 or rank < 1:
+        raise ValueError(f"draws and rank must be >= 1, got {draws} and {rank}")
+    element_size = torch.empty(0, dtype=getattr(torch, dtype)).element_size()
+    return draws * rank * element_size * sum(t.out_features + t.in_features for t in targets)
 
 
 def read_rate(threads: int, mib: int = 512, repeats: int = 5) -> float:
@@ -53,8 +57,3 @@ def floor_seconds(bytes_per_step: int, steps: int, rate: float) -> float:
 def ratio_ceiling(pure_s: float, *added_s: float) -> float:
     """pure / (pure + what members add at least)."""
     return pure_s / (pure_s + sum(added_s))
-
-
-def trained_shapes(worker) -> list[tuple[int, int]]:
-    """The (m, n) of every trained matrix an engine's worker merges into (run there by collective_rpc)."""
-    return [(t.out_features, t.in_features) for t in worker._es_targets]

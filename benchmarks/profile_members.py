@@ -155,9 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     sampling = Sampling(max_tokens=args.max_tokens, ignore_eos=True)
     engine.generate(prompts * pop.size, sampling)  # warm-up
     engine.llm.collective_rpc(time_layer_calls, args=(pop.size * args.prompts,))
-    shapes = engine.llm.collective_rpc(ceiling.trained_shapes)[0]
-    element_size = torch.empty(0, dtype=getattr(torch, engine.dtype)).element_size()
-    step_bytes = ceiling.member_bytes_per_step(shapes, pop.draws, pop.rank, element_size)
+    step_bytes = ceiling.member_bytes_per_step(engine.targets, pop.draws, pop.rank, engine.dtype)
     default_threads = torch.get_num_threads()
     epoch = 1000
     by_threads = {}

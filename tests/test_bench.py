@@ -207,8 +207,6 @@ def test_cpu_lists_are_written_as_vllm_reads_them():
 
 
 def test_members_bytes_per_step_count_each_draws_rows_once_per_trained_matrix():
-    from types import SimpleNamespace
-
     import torch
 
     from adapters.targets import find_targets
@@ -224,14 +222,14 @@ def test_members_bytes_per_step_count_each_draws_rows_once_per_trained_matrix():
         for module, shape in layer.items():
             kind = "self_attn" if module[0] in "qkvo" else "mlp"
             params[f"model.layers.{i}.{kind}.{module}.weight"] = torch.empty(shape, device="meta")
-    worker = SimpleNamespace(_es_targets=find_targets(params, list(layer)))
-    shapes = ceiling.trained_shapes(worker)
+    targets = find_targets(params, list(layer))
+    shapes = [(t.out_features, t.in_features) for t in targets]
     # (1152 + 768 + 768 + 1152 + 2112 + 2112 + 2112) = 10,176 per layer, 305,280 over 30 layers;
     # 16 pairs x rank 4 x 2 bytes of bfloat16: the 39 MB per decode step the README works out.
     assert sum(m + n for m, n in shapes) == 305_280
-    assert ceiling.member_bytes_per_step(shapes, 16, 4, 2) == 39_075_840
-    with pytest.raises(ValueError, match="draws, rank and element_size"):
-        ceiling.member_bytes_per_step(shapes, 0, 4, 2)
+    assert ceiling.member_bytes_per_step(targets, 16, 4, "bfloat16") == 39_075_840
+    with pytest.raises(ValueError, match="draws and rank"):
+        ceiling.member_bytes_per_step(targets, 0, 4, "bfloat16")
 
 
 def test_ceiling_is_pure_over_pure_plus_what_members_add_at_least():

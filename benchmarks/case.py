@@ -146,7 +146,7 @@ def run_case(spec: dict) -> dict:
     from es_serve.types import Generation, Sampling
     from rewards import get_task, load_reward
 
-    from .ceiling import floor_seconds, member_bytes_per_step, ratio_ceiling, read_rate
+    from .ceiling import floor_seconds, gemm_rate, largest_target, member_bytes_per_step, ratio_ceiling, read_rate
     from .peers import PeftFileStep, naive_member
 
     n, rank, p, tokens = spec["population"], spec["rank"], spec["prompts"], spec["max_tokens"]
@@ -226,9 +226,12 @@ def run_case(spec: dict) -> dict:
     engine.apply_update(Generation(pop, 7, 10**6), [(-1.0) ** i for i in range(n)], 0.0)
     first_merge = time.perf_counter() - start
 
-    a, a_stock, b, c, d_step, d_gen, rates = [], [], [], [], [], [], []
+    a, a_stock, b, c, d_step, d_gen, rates, gemms = [], [], [], [], [], [], [], []
+    largest = largest_target(engine.targets)
     for r in range(spec["repeats"]):
-        rates.append(read_rate(ran_on["torch_threads"]))  # with each repeat: the machine moves between them
+        # With each repeat: the machine moves between them.
+        rates.append(read_rate(ran_on["torch_threads"]))
+        gemms.append(gemm_rate(ran_on["torch_threads"], engine.dtype, n * p, largest.out_features, largest.in_features))
         a.append(pure())
         b.append(es_generation(r))
         c.append(es_step())
@@ -315,6 +318,11 @@ def run_case(spec: dict) -> dict:
         "ceiling_generation": spread(ceilings),
         "member_bytes_per_step": step_bytes,
         "read_rate_gbs": spread([rate / 1e9 for rate in rates]),
+        # torch's GEMM on the largest trained matrix at a decode step's N x P tokens, in the run's dtype
+        "gemm_tflops": {
+            **spread([rate / 1e12 for rate in gemms]),
+            "shape": [n * p, largest.in_features, largest.out_features],
+        },
         "broken": broken,
         "memory": {
             **memory,

@@ -49,6 +49,44 @@ def read_rate(threads: int, mib: int = 512, repeats: int = 5) -> float:
     return buffer.nbytes / statistics.median(seconds)
 
 
+def gemm_rate(threads: int, dtype: str, tokens: int, out_features: int, in_features: int, repeats: int = 30) -> float:
+    """Floating-point operations per second torch's linear reaches here on a (tokens, in) by (in, out) product in
+    `dtype` on `threads` threads (median of `repeats`, the weights in cache).
+
+    Pure inference is mostly the model's GEMMs, and on a shared machine their rate moves between days, on
+    CPUs with AMX by several times, while the memory's read rate moves far less; the ceiling above rises as
+    pure inference slows. Recorded with each repeat, it says which machine a day's ratios and ceilings come
+    from. torch's linear runs the oneDNN (or, in float32 without AMX, BLAS) kernels vLLM's CPU GEMMs use.
+    """
+    import torch
+
+    if min(tokens, out_features, in_features, repeats) < 1:
+        raise ValueError(
+            f"tokens, features and repeats must be >= 1, got {tokens}, {out_features}, {in_features}, {repeats}"
+        )
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        generator = torch.Generator().manual_seed(0)
+        x = torch.randn(tokens, in_features, generator=generator).to(getattr(torch, dtype))
+        weight = torch.randn(out_features, in_features, generator=generator).to(x.dtype)
+        for _ in range(3):  # kernels built and the weights in cache before timing
+            torch.nn.functional.linear(x, weight)
+        seconds = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            torch.nn.functional.linear(x, weight)
+            seconds.append(time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(before)
+    return 2 * tokens * out_features * in_features / statistics.median(seconds)
+
+
+def largest_target(targets):
+    """The engine's trained matrix with the most weights (where a decode step's GEMMs spend most)."""
+    return max(targets, key=lambda t: t.out_features * t.in_features)
+
+
 def floor_seconds(bytes_per_step: int, steps: int, rate: float) -> float:
     """The least time reading the members' bytes adds to a generation of `steps` decode steps."""
     return bytes_per_step * steps / rate

@@ -13,7 +13,8 @@ long putting the members into slots took (part of the member generation), the ke
 its layer plans' re-reading after the slots were written (the kernel's counters), the time of the
 per-layer LoRA calls around the kernel (the Python each call costs), and the merge that
 follows it (fitness +1 / -1 by member, lr 0, so the weights do not move and every repeat merges the
-same amount of work). With each repeat goes the ceiling of its generation ratio set by the bytes members
+same amount of work). With each repeat go the machine's GEMM rate (torch's linear on the largest trained
+matrix at a decode step's tokens, in the run's dtype) and the ceiling of its generation ratio set by the bytes members
 add to every decode step at this machine's read rate, alone and with that repeat's time into slots
 (`benchmarks/ceiling.py` says why it bounds any kernel on the default path), and the step's ceiling,
 which adds the merge's pieces every merge into the base weights runs (the update's float32 matmul, the
@@ -156,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     engine.generate(prompts * pop.size, sampling)  # warm-up
     engine.llm.collective_rpc(time_layer_calls, args=(pop.size * args.prompts,))
     step_bytes = ceiling.member_bytes_per_step(engine.targets, pop.draws, pop.rank, engine.dtype)
+    largest = ceiling.largest_target(engine.targets)
     default_threads = torch.get_num_threads()
     epoch = 1000
     by_threads = {}
@@ -171,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
             # The read rate with each repeat: on a shared machine it moves between minutes as much as
             # the generations do.
             rate = ceiling.read_rate(threads)
+            gemm = ceiling.gemm_rate(
+                threads, engine.dtype, pop.size * args.prompts, largest.out_features, largest.in_features
+            )
             floor = ceiling.floor_seconds(step_bytes, args.max_tokens, rate)
             # Interleaved, and every member generation in a new noise epoch, as in training.
             t = time.perf_counter()
@@ -196,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
                 {"pure_s": pure, "members_s": members, "ratio": pure / members, "kernel_s": kernel,
                  "kernel_share": kernel / members, "plans_s": plans, "prepare_s": prep, "merge_s": merge,
                  "layer_calls": calls, "layer_calls_s": layer_s, "layer_calls_prefill_s": prefill_s,
-                 "outside_kernel_us_per_call": outside_us, "read_rate_gbs": rate / 1e9,
+                 "outside_kernel_us_per_call": outside_us, "read_rate_gbs": rate / 1e9, "gemm_tflops": gemm / 1e12,
                  "member_floor_s": floor, "ceiling_bytes": ceiling.ratio_ceiling(pure, floor),
                  "ceiling_bytes_slots": ceiling.ratio_ceiling(pure, floor, prep)}
             )  # fmt: skip
@@ -205,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"ratio {pure / members:.3f}, member kernel {kernel:.3f} s ({100 * kernel / members:.1f} %), "
                 f"layer plans re-read {plans:.3f} s, into slots {prep:.3f} s, merge {merge:.3f} s, "
                 f"layer calls {layer_s:.3f} s (prefill {prefill_s:.3f} s; "
-                f"{outside_us or 0.0:.1f} us each outside the kernel); ceiling from the members' bytes "
+                f"{outside_us or 0.0:.1f} us each outside the kernel); GEMM {gemm / 1e12:.2f} TFLOP/s, "
+                f"read {rate / 1e9:.1f} GB/s; ceiling from the members' bytes "
                 f"{ceiling.ratio_ceiling(pure, floor):.3f}, with the slots {ceiling.ratio_ceiling(pure, floor, prep):.3f}",
                 flush=True,
             )
@@ -213,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
             "runs": runs,
             **{f"{key}_median": statistics.median(r[key] for r in runs)
                for key in ("ratio", "kernel_share", "kernel_s", "plans_s", "prepare_s", "merge_s", "layer_calls_s",
-                           "layer_calls_prefill_s", "outside_kernel_us_per_call", "read_rate_gbs", "member_floor_s",
+                           "layer_calls_prefill_s", "outside_kernel_us_per_call", "read_rate_gbs", "gemm_tflops",
+                           "member_floor_s",
                            "ceiling_bytes",
                            "ceiling_bytes_slots")},
         }  # fmt: skip
@@ -252,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         "max_tokens": args.max_tokens,
         "threads": by_threads,
         "member_bytes_per_step": step_bytes,
+        "gemm_shape": [pop.size * args.prompts, largest.in_features, largest.out_features],
         "profiled_threads": default_threads,
         "profiled_generation_s": total,
         "pieces_s": pieces,

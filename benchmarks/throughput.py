@@ -4,7 +4,9 @@ Each (N, r) runs in its own process on one engine (benchmarks/case.py says what 
 The ratios are of medians over interleaved repeats, shown with the spread of the repeats' own ratios;
 the JSON keeps every run, and records the dtype, CPU, threads, versions and the LoRA path that really ran.
 With each (N, r) goes the highest generation ratio the members' bytes allow on the machine it ran on
-(benchmarks/ceiling.py), so a grid from another CPU says how far its targets are within reach there.
+(benchmarks/ceiling.py), so a grid from another CPU says how far its targets are within reach there, and
+the machine's GEMM rate with each repeat, so figures from two days can be told apart by what the machine
+ran at (on a shared CPU with AMX, it has moved by several times between days).
 
     es-serve bench --population 8 32 --rank 1 --prompts 4 --max-tokens 64 --json benchmarks/results/throughput.json
 
@@ -142,6 +144,13 @@ def table(results: list[dict]) -> str:
                 f"- N={r['population']} r={r['rank']}: the members' bytes, {r['member_bytes_per_step'] / 1e6:.1f} MB "
                 f"per decode step read at {r['read_rate_gbs']['median']:.1f} GB/s, cap ratio gen at "
                 f"{cap['median']:.3f} ({cap['min']:.3f}-{cap['max']:.3f}) here, whatever the kernel does"
+            )
+        gemm = r.get("gemm_tflops")
+        if gemm:
+            t, k, m = gemm["shape"]
+            notes.append(
+                f"- N={r['population']} r={r['rank']}: the machine's GEMM with each repeat, {t} x {k} by {k} x {m} in "
+                f"{r['dtype']}: {gemm['median']:.2f} TFLOP/s ({gemm['min']:.2f}-{gemm['max']:.2f})"
             )
         hits = r.get("prefix_cache_hit_tokens")
         if hits:

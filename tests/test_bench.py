@@ -66,12 +66,18 @@ def test_bench_writes_ratios_baselines_table_and_plot(tiny_model_dir, tmp_path):
     assert row["ceiling_generation"]["runs"] == pytest.approx(want)
     assert all(0 < c < 1 for c in want)
     assert f"cap ratio gen at {row['ceiling_generation']['median']:.3f}" in out.with_suffix(".md").read_text()
+    # With each repeat, the machine's GEMM on the largest trained matrix (the tiny model's MLP, hidden x
+    # intermediate) at a decode step's N x P = 8 tokens.
+    gemm = row["gemm_tflops"]
+    assert len(gemm["runs"]) == 2 and all(0 < t < 1e3 for t in gemm["runs"])
+    cfg = json.loads((tiny_model_dir / "config.json").read_text())
+    assert gemm["shape"][0] == 8 and sorted(gemm["shape"][1:]) == sorted([cfg["hidden_size"], cfg["intermediate_size"]])
+    assert f"{gemm['median']:.2f} TFLOP/s ({gemm['min']:.2f}-{gemm['max']:.2f})" in out.with_suffix(".md").read_text()
     # Members cost r (m + n) numbers per matrix, kept in the model's dtype, and the two members of an
     # antithetic pair hold one copy of A's side (r n, n the matrix's input width): the cached factors
     # are exactly that, no more. Input widths by hand from the tiny model's config: q, k, v, o, gate
     # and up read the hidden state, down the intermediate one.
     mem = row["memory"]
-    cfg = json.loads((tiny_model_dir / "config.json").read_text())
     shared = cfg["num_hidden_layers"] * (6 * cfg["hidden_size"] + cfg["intermediate_size"])  # r = 1, per pair
     assert mem["members_cached"] == 4
     numbers = 4 * mem["numbers_per_member"] - 2 * shared
@@ -253,3 +259,34 @@ def test_read_rate_is_a_plausible_memory_rate_and_leaves_torchs_threads_as_they_
     assert torch.get_num_threads() == before
     # Any machine this runs on streams between 0.1 GB/s and 10 TB/s; outside that the timing is wrong.
     assert 1e8 < rate < 1e13
+
+
+def test_gemm_rate_counts_two_flops_per_multiply_add_and_leaves_torchs_threads_as_they_were(monkeypatch):
+    import torch
+
+    from benchmarks import ceiling
+
+    before = torch.get_num_threads()
+    rate = ceiling.gemm_rate(1, "float32", 16, 64, 32, repeats=3)
+    assert torch.get_num_threads() == before
+    # Any CPU this runs on multiplies between 10 MFLOP/s and 1 PFLOP/s; outside that the timing is wrong.
+    assert 1e7 < rate < 1e15
+    # The count by hand: a (128, 576) by (576, 1536) product is 128 x 576 x 1536 multiply-adds, two
+    # operations each, over the median of the timed calls (each call here takes 0.01 s of the clock).
+    clock = iter(range(1000))
+    monkeypatch.setattr(ceiling.time, "perf_counter", lambda: next(clock) / 100)
+    assert ceiling.gemm_rate(1, "bfloat16", 128, 1536, 576, repeats=5) == pytest.approx(2 * 128 * 576 * 1536 / 0.01)
+    with pytest.raises(ValueError, match="tokens, features and repeats must be >= 1"):
+        ceiling.gemm_rate(1, "float32", 0, 64, 32)
+
+
+def test_largest_target_is_the_matrix_with_most_weights():
+    from types import SimpleNamespace
+
+    from benchmarks import ceiling
+
+    # SmolLM2's q (576 x 576), k (192 x 576), gate (1536 x 576) and down (576 x 1536): gate and down tie
+    # at 884,736 weights and the first one listed is taken.
+    shapes = [(576, 576), (192, 576), (1536, 576), (576, 1536)]
+    targets = [SimpleNamespace(out_features=m, in_features=n) for m, n in shapes]
+    assert ceiling.largest_target(targets) is targets[2]

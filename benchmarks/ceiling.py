@@ -30,23 +30,32 @@ def member_bytes_per_step(targets, draws: int, rank: int, dtype: str) -> int:
     return draws * rank * element_size * sum(t.out_features + t.in_features for t in targets)
 
 
-def read_rate(threads: int, mib: int = 512, repeats: int = 5) -> float:
-    """Bytes per second a streaming read gets here on `threads` threads (median of `repeats` passes)."""
+def _median_seconds(threads: int, call, repeats: int, warmups: int) -> float:
+    """Median wall time of `call()` on `threads` of torch's threads, after `warmups` untimed calls (pages
+    touched, kernels built, threads started); torch's thread count is put back as it was."""
     import torch
 
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        buffer = torch.ones(mib * 2**20 // 4, dtype=torch.float32)
-        buffer.sum()  # pages touched and threads started before timing
+        for _ in range(warmups):
+            call()
         seconds = []
         for _ in range(repeats):
             start = time.perf_counter()
-            buffer.sum()
+            call()
             seconds.append(time.perf_counter() - start)
     finally:
         torch.set_num_threads(before)
-    return buffer.nbytes / statistics.median(seconds)
+    return statistics.median(seconds)
+
+
+def read_rate(threads: int, mib: int = 512, repeats: int = 5) -> float:
+    """Bytes per second a streaming read gets here on `threads` threads (median of `repeats` passes)."""
+    import torch
+
+    buffer = torch.ones(mib * 2**20 // 4, dtype=torch.float32)
+    return buffer.nbytes / _median_seconds(threads, buffer.sum, repeats, warmups=1)
 
 
 def gemm_rate(threads: int, dtype: str, tokens: int, out_features: int, in_features: int, repeats: int = 30) -> float:
@@ -54,9 +63,9 @@ def gemm_rate(threads: int, dtype: str, tokens: int, out_features: int, in_featu
     `dtype` on `threads` threads (median of `repeats`, the weights in cache).
 
     Pure inference is mostly the model's GEMMs, and on a shared machine their rate moves between days, on
-    CPUs with AMX by several times, while the memory's read rate moves far less; the ceiling above rises as
-    pure inference slows. Recorded with each repeat, it says which machine a day's ratios and ceilings come
-    from. torch's linear runs the oneDNN (or, in float32 without AMX, BLAS) kernels vLLM's CPU GEMMs use.
+    CPUs with AMX by over two times; the ceiling above rises as pure inference slows. Recorded with each
+    repeat, it says which machine a day's ratios and ceilings come from. torch's linear runs the oneDNN (or,
+    in float32 without AMX, BLAS) kernels vLLM's CPU GEMMs use.
     """
     import torch
 
@@ -64,22 +73,11 @@ def gemm_rate(threads: int, dtype: str, tokens: int, out_features: int, in_featu
         raise ValueError(
             f"tokens, features and repeats must be >= 1, got {tokens}, {out_features}, {in_features}, {repeats}"
         )
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        generator = torch.Generator().manual_seed(0)
-        x = torch.randn(tokens, in_features, generator=generator).to(getattr(torch, dtype))
-        weight = torch.randn(out_features, in_features, generator=generator).to(x.dtype)
-        for _ in range(3):  # kernels built and the weights in cache before timing
-            torch.nn.functional.linear(x, weight)
-        seconds = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            torch.nn.functional.linear(x, weight)
-            seconds.append(time.perf_counter() - start)
-    finally:
-        torch.set_num_threads(before)
-    return 2 * tokens * out_features * in_features / statistics.median(seconds)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(tokens, in_features, generator=generator).to(getattr(torch, dtype))
+    weight = torch.randn(out_features, in_features, generator=generator).to(x.dtype)
+    seconds = _median_seconds(threads, lambda: torch.nn.functional.linear(x, weight), repeats, warmups=3)
+    return 2 * tokens * out_features * in_features / seconds
 
 
 def largest_target(targets):

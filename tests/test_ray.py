@@ -297,7 +297,7 @@ def test_a_replica_that_hangs_is_timed_out_treated_as_dead_and_replaced(engine, 
     engine.events.clear()
     replicas = len(engine)  # the module's engine may have gained one in an earlier test
     ray.get(engine.replicas[1].actor.hang_at_step.remote(2))  # blocks, alive, inside step 2's generation
-    saved, engine.timeout = engine.timeout, 40.0  # far above a tiny dense step, even on a loaded machine
+    saved, engine.timeout = engine.timeout, 20.0  # a tiny dense step takes under a second here, even loaded
 
     def wait_for_replacement(report):
         if report.step == 2:

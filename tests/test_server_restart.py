@@ -61,6 +61,20 @@ def test_sigterm_and_sigkill_mid_job_then_restart_finish_the_job(servers, tiny_m
     runs = tmp_path / "runs"
     args = ("--api-key", KEY, "--rewards-dir", str(rewards), "--engine", "dense")
     env = dict(os.environ, ES_SERVE_CACHE=str(tmp_path / "cache"))
+    # The same job run straight through with `es-serve train`, alongside the server (it shares nothing
+    # with it but the CPUs): the reference the interrupted job's weights must equal at the end.
+    reference = tmp_path / "reference"
+    sets = [f"--set={k}.{kk}={json.dumps(v)}" for k, sec in _config(tiny_model_dir).items() for kk, v in sec.items()]
+    sets = [s.replace("mine.py:distinct_chars", f"{rewards}/mine.py:distinct_chars") for s in sets]
+    done_log = open(tmp_path / "reference.log", "w")  # a file, not a pipe nobody reads until the end
+    done = subprocess.Popen(
+        [sys.executable, "-m", "launch.cli", "train", *sets, "--out", str(reference), "--quiet"],
+        cwd=ROOT,
+        env=env,
+        stdout=done_log,
+        stderr=subprocess.STDOUT,
+    )
+    servers.procs.append(done)  # killed at teardown if the test fails before it ends
 
     server = servers.start(runs, *args, env=env)
     r = httpx.post(server.url + "/v1/jobs", headers=AUTH, json={"config": _config(tiny_model_dir)})
@@ -103,19 +117,8 @@ def test_sigterm_and_sigkill_mid_job_then_restart_finish_the_job(servers, tiny_m
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(STEPS + 1))
 
-    # Interrupted twice, it ends with exactly the weights of an uninterrupted run of the same job.
-    reference = tmp_path / "reference"
-    sets = [f"--set={k}.{kk}={json.dumps(v)}" for k, sec in _config(tiny_model_dir).items() for kk, v in sec.items()]
-    sets = [s.replace("mine.py:distinct_chars", f"{rewards}/mine.py:distinct_chars") for s in sets]
-    done = subprocess.run(
-        [sys.executable, "-m", "launch.cli", "train", *sets, "--out", str(reference), "--quiet"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    # Interrupted twice, it ends with exactly the weights of the uninterrupted run started above.
+    assert done.wait(timeout=300) == 0, (tmp_path / "reference.log").read_text()[-3000:]
     assert [e["shaped"] for e in _replay(reference)] == [e["shaped"] for e in replay]
     from es_serve.config import load_config
     from es_serve.export import trained_weights

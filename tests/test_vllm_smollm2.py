@@ -48,12 +48,15 @@ def test_members_match_dense_members_and_differ_from_base(engines):
     gen = Generation(POP, seed=0, epoch=0)
     result = engine.generate_population(gen, prompts, GREEDY)
     base = [c.token_ids for c in engine.generate(prompts, GREEDY)]
+    # The first and the last antithetic pair (slots at both ends of vLLM's stack): each float64 member
+    # rebuilds the whole model's W + E, seconds apiece; every member is checked on the tiny model.
+    checked = (0, 1, POP.size - 2, POP.size - 1)
     differ = 0
-    for i in range(POP.size):
+    for i in checked:
         got = [c.token_ids for c in result.completions[i]]
         assert got == [c.token_ids for c in dense.generate(prompts, GREEDY, gen, i)], f"member {i}"
         differ += got != base
-    assert differ >= POP.size // 2
+    assert differ >= len(checked) // 2
 
 
 def test_merge_matches_dense(engines):

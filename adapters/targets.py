@@ -13,8 +13,10 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # annotations only: the configuration imports this module without torch
+    import torch
 
 # Every linear weight of the decoder blocks; embeddings, lm_head, norms and biases stay frozen as
 # in the official LLM runs (they are shared by all tokens and make the noise far less local).

@@ -83,3 +83,20 @@ def test_a_job_record_saved_before_lr_schedules_keeps_a_constant_lr():
     assert "lr_schedule" not in old["es"]  # the record itself is not rewritten
     new = Config().model_dump(mode="json", exclude_none=True)
     assert Config.model_validate(saved_before_schedules(new)).es.lr_schedule == "cosine"
+
+
+def test_a_mistyped_key_is_reported_without_importing_torch():
+    """`es-serve train` with a bad --set answers at once: the configuration does not import torch."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import sys; from launch.cli import main; code = main(['train', '--set', 'es.populaton=8']); "
+        "assert 'torch' not in sys.modules, 'torch imported on the configuration path'; sys.exit(code)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1]
+    )
+    assert out.returncode == 2, out.stderr
+    assert "unknown key 'es.populaton'" in out.stderr

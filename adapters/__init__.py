@@ -38,47 +38,15 @@ _EXPORTS = {
 }
 
 
-def __getattr__(name: str):
-    if name not in _EXPORTS:
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    module = _EXPORTS.get(name)
+    if module is None:
         raise AttributeError(f"module 'adapters' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-    globals()[name] = value
-    return value
+    return getattr(importlib.import_module(f".{module}", __name__), name)
 
 
 def __dir__():
-    return sorted([*globals(), *_EXPORTS])
-
-
-__all__ = [
-    "DEFAULT_MODULES",
-    "NOISE_VERSION",
-    "OPTIMIZERS",
-    "SCALINGS",
-    "SHAPINGS",
-    "NoiseKey",
-    "Optimizer",
-    "OptimizerState",
-    "Population",
-    "Target",
-    "apply_update",
-    "draw_coefficients",
-    "find_targets",
-    "lora_from_factors",
-    "lowrank_sum",
-    "draw_block",
-    "many_factors",
-    "matrix_updates",
-    "merge_tolerance",
-    "member_delta",
-    "member_lora",
-    "member_state_dict",
-    "noise_epoch",
-    "pair_factors",
-    "peft_config",
-    "shape_fitness",
-    "split_state",
-    "stacked_factors",
-    "update_factor",
-    "write_peft_adapter",
-]
+    return __all__

@@ -66,14 +66,14 @@ def test_sigterm_and_sigkill_mid_job_then_restart_finish_the_job(servers, tiny_m
     reference = tmp_path / "reference"
     sets = [f"--set={k}.{kk}={json.dumps(v)}" for k, sec in _config(tiny_model_dir).items() for kk, v in sec.items()]
     sets = [s.replace("mine.py:distinct_chars", f"{rewards}/mine.py:distinct_chars") for s in sets]
-    done_log = open(tmp_path / "reference.log", "w")  # a file, not a pipe nobody reads until the end
-    done = subprocess.Popen(
-        [sys.executable, "-m", "launch.cli", "train", *sets, "--out", str(reference), "--quiet"],
-        cwd=ROOT,
-        env=env,
-        stdout=done_log,
-        stderr=subprocess.STDOUT,
-    )
+    with open(tmp_path / "reference.log", "w") as log:  # a file, not a pipe nobody reads until the end
+        done = subprocess.Popen(
+            [sys.executable, "-m", "launch.cli", "train", *sets, "--out", str(reference), "--quiet"],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     servers.procs.append(done)  # killed at teardown if the test fails before it ends
 
     server = servers.start(runs, *args, env=env)

@@ -1,52 +1,42 @@
 """The math of an EGGROLL population member, in pure torch (no vLLM import)."""
 
-import importlib
+import lazy_loader
 
-# Public names resolve lazily, as es_serve's do: the configuration needs DEFAULT_MODULES only, and a
-# mistyped key should be reported without first importing torch (two seconds).
-_EXPORTS = {
-    "lora_from_factors": "lora",
-    "member_delta": "lora",
-    "member_lora": "lora",
-    "member_state_dict": "lora",
-    "peft_config": "lora",
-    "write_peft_adapter": "lora",
-    "NOISE_VERSION": "noise",
-    "NoiseKey": "noise",
-    "draw_block": "noise",
-    "many_factors": "noise",
-    "noise_epoch": "noise",
-    "pair_factors": "noise",
-    "stacked_factors": "noise",
-    "OPTIMIZERS": "optim",
-    "Optimizer": "optim",
-    "OptimizerState": "optim",
-    "split_state": "optim",
-    "Population": "population",
-    "SHAPINGS": "shaping",
-    "shape_fitness": "shaping",
-    "DEFAULT_MODULES": "targets",
-    "Target": "targets",
-    "find_targets": "targets",
-    "SCALINGS": "update",
-    "apply_update": "update",
-    "draw_coefficients": "update",
-    "lowrank_sum": "update",
-    "matrix_updates": "update",
-    "merge_tolerance": "update",
-    "update_factor": "update",
-}
-
-
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'adapters' has no attribute {name!r}")
-    return getattr(importlib.import_module(f".{module}", __name__), name)
-
-
-def __dir__():
-    return __all__
+# Public names resolve on first use (lazy_loader, the scientific Python packages' way): the configuration
+# needs DEFAULT_MODULES only, and a mistyped key should be reported without first importing torch (two
+# seconds).
+__getattr__, __dir__, __all__ = lazy_loader.attach(
+    __name__,
+    submod_attrs={
+        "lora": [
+            "lora_from_factors",
+            "member_delta",
+            "member_lora",
+            "member_state_dict",
+            "peft_config",
+            "write_peft_adapter",
+        ],
+        "noise": [
+            "NOISE_VERSION",
+            "NoiseKey",
+            "draw_block",
+            "many_factors",
+            "noise_epoch",
+            "pair_factors",
+            "stacked_factors",
+        ],
+        "optim": ["OPTIMIZERS", "Optimizer", "OptimizerState", "split_state"],
+        "population": ["Population"],
+        "shaping": ["SHAPINGS", "shape_fitness"],
+        "targets": ["DEFAULT_MODULES", "Target", "find_targets"],
+        "update": [
+            "SCALINGS",
+            "apply_update",
+            "draw_coefficients",
+            "lowrank_sum",
+            "matrix_updates",
+            "merge_tolerance",
+            "update_factor",
+        ],
+    },
+)

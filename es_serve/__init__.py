@@ -1,40 +1,22 @@
 """The es-serve trainer: engines, the ES loop, configuration, run directories and export.
 
-Public names are resolved lazily: `es-serve models` and the run-directory tools must not pay for
-importing torch, transformers or vLLM (seconds each) when they do not need them.
+Public names resolve on first use (lazy_loader): `es-serve models` and the run-directory tools must not
+pay for importing torch, transformers or vLLM (seconds each) when they do not need them.
 """
 
-import importlib
+import lazy_loader
 
-_EXPORTS = {
-    "Config": "config",
-    "ConfigError": "config",
-    "load_config": "config",
-    "DenseEngine": "dense",
-    "VLLMEngine": "vllm_engine",
-    "RayEngine": "ray_engine",
-    "export_run": "export",
-    "trained_weights": "export",
-    "KNOWN_MODELS": "models",
-    "list_models": "models",
-    "resolve_model": "models",
-    "RunDir": "run_dir",
-    "Trainer": "trainer",
-    "eval_gain": "trainer",
-    "Completion": "types",
-    "Generation": "types",
-    "PopulationResult": "types",
-    "Sampling": "types",
-}
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'es_serve' has no attribute {name!r}")
-    return getattr(importlib.import_module(f".{module}", __name__), name)
-
-
-def __dir__():
-    return __all__
+__getattr__, __dir__, __all__ = lazy_loader.attach(
+    __name__,
+    submod_attrs={
+        "config": ["Config", "ConfigError", "load_config"],
+        "engines.dense": ["DenseEngine"],
+        "engines.vllm_engine": ["VLLMEngine"],
+        "engines.ray_engine": ["RayEngine"],
+        "export": ["export_run", "trained_weights"],
+        "models": ["KNOWN_MODELS", "list_models", "resolve_model"],
+        "run_dir": ["RunDir"],
+        "trainer": ["Trainer", "eval_gain"],
+        "types": ["Completion", "Generation", "PopulationResult", "Sampling"],
+    },
+)

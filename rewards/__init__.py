@@ -9,71 +9,33 @@ Quick reference (details in rewards/README.md):
   task_from_config(config.task) also builds DatasetTask (task.dataset: the user's own data).
 """
 
-from .aio import run_sync
-from .answers import exact, final_answer, last_number, math_answer, numeric
-from .base import CombinedReward, Reward
-from .calling import FunctionReward, batched, call_style, per_sample
-from .countdown_rule import IllegalExpression, countdown, evaluate
-from .dataset_task import DatasetTask, DatasetTaskError, load_dataset_task
-from .errors import RewardError, RewardLoadError
-from .formatting import format_answer_tag, format_number, length_penalty, regex_reward
-from .loading import (
-    BUILTIN_REWARDS,
-    ENTRY_POINT_GROUP,
-    builtin_rewards,
-    entry_point_rewards,
-    load_reward,
-    resolve_reward,
-)
-from .remote import RemoteReward
-from .result import Batch, RewardResult
-from .reward_log import RewardLog
-from .scoring import as_reward, ascore_population, combine, score_population
-from .tasks import TASKS, Task, get_task, register_task, task_from_config, task_names
+import lazy_loader
 
-__all__ = [
-    "BUILTIN_REWARDS",
-    "ENTRY_POINT_GROUP",
-    "TASKS",
-    "Batch",
-    "CombinedReward",
-    "DatasetTask",
-    "DatasetTaskError",
-    "FunctionReward",
-    "IllegalExpression",
-    "RemoteReward",
-    "Reward",
-    "RewardError",
-    "RewardLoadError",
-    "RewardLog",
-    "RewardResult",
-    "Task",
-    "as_reward",
-    "ascore_population",
-    "batched",
-    "builtin_rewards",
-    "call_style",
-    "combine",
-    "countdown",
-    "entry_point_rewards",
-    "evaluate",
-    "exact",
-    "final_answer",
-    "format_answer_tag",
-    "format_number",
-    "get_task",
-    "last_number",
-    "length_penalty",
-    "load_dataset_task",
-    "load_reward",
-    "math_answer",
-    "numeric",
-    "per_sample",
-    "regex_reward",
-    "register_task",
-    "resolve_reward",
-    "run_sync",
-    "score_population",
-    "task_from_config",
-    "task_names",
-]
+# Public names resolve on first use (lazy_loader): `es-serve train` reports a mistyped task or reward name
+# without importing torch, aiohttp and the datasets stack first (seconds).
+__getattr__, __dir__, __all__ = lazy_loader.attach(
+    __name__,
+    submod_attrs={
+        "aio": ["run_sync"],
+        "answers": ["exact", "final_answer", "last_number", "math_answer", "numeric"],
+        "base": ["CombinedReward", "Reward"],
+        "calling": ["FunctionReward", "batched", "call_style", "per_sample"],
+        "countdown_rule": ["IllegalExpression", "countdown", "evaluate"],
+        "dataset_task": ["DatasetTask", "DatasetTaskError", "load_dataset_task"],
+        "errors": ["RewardError", "RewardLoadError"],
+        "formatting": ["format_answer_tag", "format_number", "length_penalty", "regex_reward"],
+        "loading": [
+            "BUILTIN_REWARDS",
+            "ENTRY_POINT_GROUP",
+            "builtin_rewards",
+            "entry_point_rewards",
+            "load_reward",
+            "resolve_reward",
+        ],
+        "remote": ["RemoteReward"],
+        "result": ["Batch", "RewardResult"],
+        "reward_log": ["RewardLog"],
+        "scoring": ["as_reward", "ascore_population", "combine", "score_population"],
+        "tasks": ["TASKS", "Task", "get_task", "register_task", "task_from_config", "task_names"],
+    },
+)

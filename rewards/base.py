@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-
-import torch
+from typing import TYPE_CHECKING
 
 from .aio import gather_or_cancel, run_sync
 from .errors import RewardError
 from .result import Batch, RewardResult, to_matrix
+
+if TYPE_CHECKING:
+    import torch
 
 
 class Reward:
@@ -39,6 +41,8 @@ class Reward:
         columns: Mapping[str, list] | None = None,
         **extra,
     ) -> RewardResult:
+        import torch  # here, not at the top: a mistyped reward name is reported without torch's 2 s import
+
         batch = Batch.make(prompts, completions, columns, **extra)
         started = time.perf_counter()
         total, parts = await self.breakdown(batch)
@@ -73,6 +77,8 @@ class CombinedReward(Reward):
         self.name = name
 
     async def breakdown(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        import torch
+
         results = await gather_or_cancel(reward.breakdown(batch) for reward, _ in self.parts)
         total = torch.zeros(batch.members, batch.size, dtype=torch.float64)
         scored = torch.zeros(batch.members, batch.size, dtype=torch.bool)

@@ -6,10 +6,12 @@ import math
 import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import RewardError
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -164,4 +166,6 @@ def to_matrix(rows: Sequence, *, reward: str, members: int, size: int) -> torch.
     if len(rows) != members:
         raise RewardError(f"returned {len(rows)} rows of rewards for {members} members", reward=reward)
     checked = [check_row(row, reward=reward, member=i, size=size) for i, row in enumerate(rows)]
+    import torch  # here: see rewards.base
+
     return torch.tensor(checked, dtype=torch.float64).reshape(members, size)

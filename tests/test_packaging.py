@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ["adapters", "es_serve", "es_serve.server"]
+PACKAGES = ["adapters", "es_serve", "es_serve.server", "rewards"]
 
 
 @pytest.mark.parametrize("package", PACKAGES)

@@ -2,6 +2,7 @@
 
 import importlib
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -11,6 +12,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ["adapters", "es_serve", "es_serve.server", "rewards"]
+TOP_LEVEL = ["adapters", "es_serve", "rewards", "launch", "benchmarks"]
+# What a package needs at run time: its modules, the C sources the engines compile, the dashboard page.
+RUNTIME_SUFFIXES = {".py", ".c", ".html"}
 
 
 @pytest.mark.parametrize("package", PACKAGES)
@@ -32,7 +36,7 @@ _CHECK_INSTALLED = """
 import importlib, sys
 from pathlib import Path
 site = Path(sys.argv[1]).resolve()
-for package in ("adapters", "es_serve", "es_serve.server", "es_serve.engines", "rewards", "launch", "benchmarks"):
+for package in sys.argv[2:]:
     module = importlib.import_module(package)
     assert site in Path(module.__file__).resolve().parents, (package, module.__file__)
     for name in getattr(module, "__all__", []):
@@ -50,16 +54,27 @@ print("installed copy complete")
 def test_a_built_wheel_holds_every_package_and_kernel_source(tmp_path):
     # An editable install (the README's) maps whole folders, so a package or data file the wheel leaves
     # out goes unnoticed until a user installs the wheel: es_serve.engines was missing from it once.
-    wheels = tmp_path / "wheels"
+    # Built from a clean copy: setuptools builds in the source folder and reuses its build/ folder, where an
+    # earlier build's modules would stand in for ones the configuration leaves out.
+    src, wheels = tmp_path / "src", tmp_path / "wheels"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".*", "build", "runs", "*.egg-info", "__pycache__"))
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels), str(ROOT)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels), str(src)],
         check=True,
         cwd=tmp_path,
     )
     (wheel,) = wheels.glob("es_serve-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    for source in ("es_serve/engines/vllm_engine.py", "es_serve/engines/kernels/member_lora.c", "rewards/__init__.py"):
-        assert source in names, f"{source} missing from {wheel.name}"
+    # The reference is the source tree: every run-time file below the top-level packages.
+    sources = {
+        path.relative_to(ROOT).as_posix()
+        for top in TOP_LEVEL
+        for path in (ROOT / top).rglob("*")
+        if path.suffix in RUNTIME_SUFFIXES and "__pycache__" not in path.parts
+    }
+    assert "es_serve/engines/kernels/member_lora.c" in sources
+    assert not sources - names, f"missing from {wheel.name}: {sorted(sources - names)}"
+    packages = sorted(n.removesuffix("/__init__.py").replace("/", ".") for n in names if n.endswith("/__init__.py"))
     site = tmp_path / "site"
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
@@ -67,7 +82,7 @@ def test_a_built_wheel_holds_every_package_and_kernel_source(tmp_path):
         cwd=tmp_path,
     )
     out = subprocess.run(
-        [sys.executable, "-c", _CHECK_INSTALLED, str(site)],
+        [sys.executable, "-c", _CHECK_INSTALLED, str(site), *packages],
         cwd=tmp_path,
         # Only the installed copy on the path, whatever PYTHONPATH this run inherited.
         env={**os.environ, "PYTHONPATH": str(site)},

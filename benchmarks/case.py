@@ -334,6 +334,9 @@ def run_case(spec: dict) -> dict:
 
 
 if __name__ == "__main__":
+    from benchmarks.child import end_with_parent
+
+    end_with_parent()
     spec = json.loads(sys.argv[1])
     result = run_case(spec)
     Path(spec["out"]).write_text(json.dumps(result, indent=2))

@@ -25,6 +25,7 @@ import time
 import warnings
 from pathlib import Path
 
+from benchmarks import child
 from benchmarks.cpus import cpu_cores, pick_cpus
 
 GRPO_OWN = {
@@ -145,10 +146,10 @@ def run_one(spec: dict, work: Path, verbose: bool, env: dict) -> dict:
     cmd = [sys.executable, "-m", "benchmarks.compare_runs", json.dumps(spec)]
     started = time.perf_counter()
     if verbose:
-        proc = subprocess.run(cmd, env=env)
+        proc = child.run(cmd, env=env)
     else:
         with open(log, "w") as out:
-            proc = subprocess.run(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+            proc = child.run(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
         tail = "" if verbose else "\n" + "".join(log.read_text().splitlines(keepends=True)[-30:])
         raise RuntimeError(f"the {spec['name']} run failed (exit {proc.returncode}){tail}")

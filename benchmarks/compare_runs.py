@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.child import end_with_parent
+
 # Evaluation and checkpoint periods are the budget's business here, not the configuration's. train.steps
 # stays: es-serve's lr schedule is laid out over it, so its run ends at the budget or when the schedule
 # does, whichever comes first.
@@ -374,6 +376,7 @@ def _same_prompt_tokens(tokenizer, prompts: list, texts: list[str], chat: bool) 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    end_with_parent()
     spec = json.loads(argv[0])
     _pin(spec)
     result = (run_es if spec["method"] == "es-serve" else run_grpo)(spec)

@@ -20,11 +20,11 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+from benchmarks import child
 from benchmarks.cpus import cpu_cores, cpu_list, pick_cpus
 
 DEFAULT_JSON = "benchmarks/results/throughput.json"
@@ -308,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
                     "out": f"{tmp}/case.json",
                 }
                 print(f"es-serve bench: {label} ...", file=sys.stderr, flush=True)
-                proc = subprocess.run([sys.executable, "-m", "benchmarks.case", json.dumps(spec)], env=env)
+                proc = child.run([sys.executable, "-m", "benchmarks.case", json.dumps(spec)], env=env)
                 if proc.returncode != 0:
                     raise RuntimeError(f"benchmark case {label} failed (exit {proc.returncode}); see above")
                 row = json.loads(Path(spec["out"]).read_text())

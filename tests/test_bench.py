@@ -1,8 +1,11 @@
 """`es-serve bench` end to end on the tiny model: every figure the issue names, and honest memory."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -293,3 +296,45 @@ def test_largest_target_is_the_matrix_with_most_weights():
     shapes = [(576, 576), (192, 576), (1536, 576), (576, 1536)]
     targets = [SimpleNamespace(out_features=m, in_features=n) for m, n in shapes]
     assert ceiling.largest_target(targets) is targets[2]
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGKILL"])
+def test_a_case_process_ends_when_the_bench_is_killed(tiny_model_dir, tmp_path, sig):
+    # `timeout`, a scheduler or `kill` signal the bench alone (Ctrl-C reaches the process group); its case
+    # process used to run on for minutes, holding the cores the next measurement runs on.
+    import psutil
+
+    cmd = [sys.executable, "-m", "launch.cli", "bench", "--model", str(tiny_model_dir), "--population", "8"]
+    cmd += ["--prompts", "2", "--max-tokens", "32", "--repeats", "20", "--json", str(tmp_path / "b.json")]
+    bench = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        parent = psutil.Process(bench.pid)
+        deadline = time.time() + 60
+        while not parent.children() and time.time() < deadline and bench.poll() is None:
+            time.sleep(0.05)
+        cases = parent.children(recursive=True)
+        assert cases, "the bench started no case process"
+        time.sleep(2)  # into the case's imports and engine start
+        os.kill(bench.pid, getattr(signal, sig))
+        bench.wait(timeout=30)
+        _, alive = psutil.wait_procs(cases, timeout=15)
+        assert not alive, f"case processes {[p.pid for p in alive]} outlived the bench killed with {sig}"
+    finally:
+        for p in [bench, *psutil.Process().children(recursive=True)]:
+            try:
+                p.kill()
+            except (ProcessLookupError, psutil.NoSuchProcess):
+                pass
+
+
+def test_a_case_process_whose_bench_already_ended_ends_itself():
+    # The parent can end before the child sets its parent-death signal: the child checks who its
+    # parent is and ends at once when it is not the bench that started it.
+    from benchmarks import child
+
+    code = "from benchmarks.child import end_with_parent; end_with_parent(); print('ran on')"
+    env = {**os.environ, child.PARENT_ENV: "1"}  # not this child's parent
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == -15 and "ran on" not in proc.stdout
+    proc = child.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ran on"

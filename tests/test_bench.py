@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 
 from es_serve.engines.sizing import resolve_dtype
@@ -302,9 +303,6 @@ def test_a_case_process_ends_when_the_bench_is_killed(tiny_model_dir, tmp_path):
     # `timeout`, a scheduler or `kill` signal the bench alone (Ctrl-C reaches the process group); its case
     # process used to run on for minutes, holding the cores the next measurement runs on. SIGKILL: no
     # handler of the bench's can do the cleaning up (SIGTERM ends it the same way).
-    sig = "SIGKILL"
-    import psutil
-
     cmd = [sys.executable, "-m", "launch.cli", "bench", "--model", str(tiny_model_dir), "--population", "8"]
     cmd += ["--prompts", "2", "--max-tokens", "32", "--repeats", "20", "--json", str(tmp_path / "b.json")]
     bench = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -316,10 +314,10 @@ def test_a_case_process_ends_when_the_bench_is_killed(tiny_model_dir, tmp_path):
         cases = parent.children(recursive=True)
         assert cases, "the bench started no case process"
         time.sleep(2)  # into the case's imports and engine start
-        os.kill(bench.pid, getattr(signal, sig))
+        os.kill(bench.pid, signal.SIGKILL)
         bench.wait(timeout=30)
         _, alive = psutil.wait_procs(cases, timeout=15)
-        assert not alive, f"case processes {[p.pid for p in alive]} outlived the bench killed with {sig}"
+        assert not alive, f"case processes {[p.pid for p in alive]} outlived the bench killed with SIGKILL"
     finally:
         for p in [bench, *psutil.Process().children(recursive=True)]:
             try:
@@ -328,13 +326,14 @@ def test_a_case_process_ends_when_the_bench_is_killed(tiny_model_dir, tmp_path):
                 pass
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
 def test_a_case_process_whose_bench_already_ended_ends_itself():
     # The parent can end before the child sets its parent-death signal: the child checks who its
     # parent is and ends at once when it is not the bench that started it.
     from benchmarks import child
 
     code = "from benchmarks.child import end_with_parent; end_with_parent(); print('ran on')"
-    env = {**os.environ, child.PARENT_ENV: "1"}  # not this child's parent
+    env = {**os.environ, child.PARENT_ENV: str(os.getppid())}  # not this child's parent: this process is
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == -15 and "ran on" not in proc.stdout
     proc = child.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
